@@ -1,0 +1,1 @@
+"""The REST restore API (FastAPI)."""

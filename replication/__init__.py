@@ -1,0 +1,1 @@
+"""Shipping segments to targets, health, fencing and migration."""

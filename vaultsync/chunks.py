@@ -1,0 +1,120 @@
+"""The chunk pipeline: address, compress, encrypt, and the exact reverse on read.
+
+A chunk's id is the BLAKE3 hash of its plaintext (keyed with a volume key when
+the volume is encrypted, so ids reveal nothing about content). Ids make
+deduplication free and let every read check what it got: `decode_chunk`
+returns plaintext only after its hash matched, whichever provider sent it.
+
+Pure and thread-safe: the volume calls these from worker threads (BLAKE3 and
+zstd release the GIL), so nothing here touches shared mutable state.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import blake3
+import zstandard
+
+from vaultsync.crypto import Sealer, VolumeKeys
+from vaultsync.errors import CorruptRecordError
+from vaultsync.segment import FLAG_ENCRYPTED, FLAG_ZSTD, Record, RecordType
+
+CHUNK_ID_SIZE = 32
+_LSN = struct.Struct("<Q")
+
+
+class Codec:
+    """Turns plaintext into stored payloads for one volume's parameters and keys."""
+
+    def __init__(self, compression_level: int, keys: VolumeKeys | None = None) -> None:
+        # Level 0 means "store uncompressed" (zstd would read it as its default level).
+        self.level = compression_level
+        self.keys = keys
+        self._sealer = Sealer(keys.data_key) if keys else None
+        self._local = threading.local()
+
+    # -- ids -------------------------------------------------------------
+    def chunk_id(self, data: bytes | memoryview) -> bytes:
+        if self.keys is not None:
+            return blake3.blake3(data, key=self.keys.chunk_id_key, max_threads=1).digest()
+        return blake3.blake3(data, max_threads=1).digest()
+
+    # -- compression ------------------------------------------------------
+    def _compress(self, data: bytes | memoryview) -> tuple[bytes, int]:
+        if self.level <= 0:
+            return bytes(data), 0
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+        packed = c.compress(data)
+        # Incompressible data is stored as is: never pay for a bigger copy.
+        if len(packed) >= len(data):
+            return bytes(data), 0
+        return packed, FLAG_ZSTD
+
+    def _decompress(self, data: bytes, flags: int, limit: int) -> bytes:
+        if not flags & FLAG_ZSTD:
+            return data
+        d = getattr(self._local, "dctx", None)
+        if d is None:
+            d = self._local.dctx = zstandard.ZstdDecompressor()
+        try:
+            return d.decompress(data, max_output_size=limit)
+        except zstandard.ZstdError as e:
+            raise CorruptRecordError(f"compressed payload does not decompress: {e}") from None
+
+    # -- encryption -------------------------------------------------------
+    def _seal(self, data: bytes, flags: int, aad: bytes) -> tuple[bytes, int]:
+        if self._sealer is None:
+            return data, flags
+        return self._sealer.seal(data, aad), flags | FLAG_ENCRYPTED
+
+    def _open(self, data: bytes, flags: int, aad: bytes) -> bytes:
+        if not flags & FLAG_ENCRYPTED:
+            if self._sealer is not None:
+                raise CorruptRecordError("unencrypted record in an encrypted volume")
+            return data
+        if self._sealer is None:
+            raise CorruptRecordError("encrypted record but the volume is opened without keys")
+        return self._sealer.open(data, aad)
+
+    # -- chunks -----------------------------------------------------------
+    def chunk_record(
+        self, data: bytes | memoryview, lsn: int, time_ns: int
+    ) -> tuple[bytes, Record]:
+        """The chunk id and the CHUNK record that stores `data`."""
+        cid = self.chunk_id(data)
+        packed, flags = self._compress(data)
+        stored, flags = self._seal(packed, flags, b"chunk" + cid)
+        return cid, Record(RecordType.CHUNK, lsn, time_ns, cid + stored, flags)
+
+    def decode_chunk(
+        self, rec: Record, expect_id: bytes | None = None, limit: int = 1 << 27
+    ) -> bytes:
+        """Plaintext of a CHUNK record, verified against its id (and `expect_id`)."""
+        if rec.type is not RecordType.CHUNK or len(rec.payload) < CHUNK_ID_SIZE:
+            raise CorruptRecordError("not a chunk record")
+        cid = rec.payload[:CHUNK_ID_SIZE]
+        if expect_id is not None and cid != expect_id:
+            raise CorruptRecordError(
+                f"chunk record holds {cid.hex()[:16]}…, expected {expect_id.hex()[:16]}…"
+            )
+        packed = self._open(rec.payload[CHUNK_ID_SIZE:], rec.flags, b"chunk" + cid)
+        data = self._decompress(packed, rec.flags, limit)
+        if self.chunk_id(data) != cid:
+            raise CorruptRecordError(f"chunk {cid.hex()[:16]}… does not match its hash")
+        return data
+
+    # -- transactions -----------------------------------------------------
+    def txn_record(self, body: bytes, lsn: int, time_ns: int) -> Record:
+        packed, flags = self._compress(body)
+        stored, flags = self._seal(packed, flags, b"txn" + _LSN.pack(lsn))
+        return Record(RecordType.TXN, lsn, time_ns, stored, flags)
+
+    def decode_txn(self, rec: Record, limit: int = 1 << 30) -> bytes:
+        if rec.type is not RecordType.TXN:
+            raise CorruptRecordError("not a transaction record")
+        packed = self._open(rec.payload, rec.flags, b"txn" + _LSN.pack(rec.lsn))
+        return self._decompress(packed, rec.flags, limit)

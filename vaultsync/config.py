@@ -1,0 +1,284 @@
+"""The volume's TOML configuration, validated before anything touches disk or network.
+
+A mistake must come back as one line that names the key (`targets[1].mode`)
+and says what is wrong, so `load_config` turns pydantic's report into a
+`ConfigError` and never lets a traceback reach the user. Secrets are held as
+`SecretStr` so that a stray `repr()` or log line cannot print them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vaultsync.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(value: Any) -> int:
+    """Accept 1048576, "1MiB", "1M" or "1 MB" (binary units throughout)."""
+    if isinstance(value, bool):
+        raise ValueError('must be a size such as 1048576 or "1MiB"')
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "").upper()[:1]
+            return int(m.group(1)) * _UNITS[unit]
+    raise ValueError(f'must be a size such as 1048576 or "1MiB" (got {value!r})')
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Credentials(_Strict):
+    """Where a target's keys come from; the keys themselves never sit in the config.
+
+    Either two environment variables, or a file of `access_key_id = ...` and
+    `secret_access_key = ...` lines (readable by the daemon's user only).
+    """
+
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Credentials:
+        env = self.access_key_id_env is not None or self.secret_access_key_env is not None
+        if env and self.file is not None:
+            raise ValueError(
+                "give either access_key_id_env/secret_access_key_env or file, not both"
+            )
+        if env and not (self.access_key_id_env and self.secret_access_key_env):
+            raise ValueError("access_key_id_env and secret_access_key_env must both be set")
+        if not env and self.file is None:
+            raise ValueError('set access_key_id_env and secret_access_key_env, or file = "path"')
+        return self
+
+    def resolve(self, where: str) -> tuple[str, SecretStr]:
+        """Read the keys now; a missing variable or file is a config error naming it."""
+        if self.file is not None:
+            return _read_credentials_file(self.file, where)
+        assert self.access_key_id_env and self.secret_access_key_env
+        ak = os.environ.get(self.access_key_id_env)
+        sk = os.environ.get(self.secret_access_key_env)
+        for var, val in ((self.access_key_id_env, ak), (self.secret_access_key_env, sk)):
+            if not val:
+                raise ConfigError(
+                    f"{where}.credentials: environment variable {var} is not set; "
+                    f"export it before running vaultsync"
+                )
+        assert ak is not None and sk is not None
+        return ak, SecretStr(sk)
+
+
+def _read_credentials_file(path: Path, where: str) -> tuple[str, SecretStr]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(
+            f"{where}.credentials.file: cannot read {path}: {e.strerror or e}"
+        ) from None
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        k, v = line.split("=", 1)
+        values[k.strip().lower()] = v.strip().strip('"')
+    ak, sk = values.get("access_key_id"), values.get("secret_access_key")
+    if not ak or not sk:
+        raise ConfigError(
+            f"{where}.credentials.file: {path} must hold access_key_id = ... and "
+            f"secret_access_key = ... lines"
+        )
+    return ak, SecretStr(sk)
+
+
+class TargetConfig(_Strict):
+    """One bucket at one provider that receives the volume's segments."""
+
+    name: str = Field(pattern=NAME_RE)
+    endpoint: str
+    bucket: str = Field(min_length=3, max_length=63)
+    prefix: str = ""
+    region: str = "us-east-1"
+    mode: Literal["sync", "async"] = "async"
+    # What a down sync target does to fsync: wait (then EIO) or carry on async.
+    on_failure: Literal["block", "degrade"] = "degrade"
+    path_style: bool = True
+    credentials: Credentials
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/.*)?$", v):
+            raise ValueError(f"must be an http:// or https:// URL (got {v!r})")
+        return v.rstrip("/")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        v = v.strip("/")
+        if ".." in v.split("/"):
+            raise ValueError("must not contain '..'")
+        return f"{v}/" if v else ""
+
+
+class VolumeConfig(_Strict):
+    name: str = Field(pattern=NAME_RE)
+    state_dir: Path
+    chunk_size: Size = 1024 * 1024
+    compression_level: int = Field(default=3, ge=0, le=22)
+    encryption: bool = False
+    # Where the passphrase of an encrypted volume comes from (never the config itself).
+    passphrase_env: str = "VAULTSYNC_PASSPHRASE"
+    passphrase_file: Path | None = None
+    segment_size: Size = 32 * 1024 * 1024
+    segment_max_age: float = Field(default=2.0, gt=0, le=3600)
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk_size(cls, v: int) -> int:
+        if v < 4096 or v > 64 * 1024**2 or v & (v - 1):
+            raise ValueError("must be a power of two between 4KiB and 64MiB")
+        return v
+
+    @field_validator("segment_size")
+    @classmethod
+    def _segment_size(cls, v: int) -> int:
+        if v < 1024**2 or v > 4 * 1024**3:
+            raise ValueError("must be between 1MiB and 4GiB")
+        return v
+
+
+class ReplicationConfig(_Strict):
+    # How many sync targets must hold a write before fsync returns; None = all.
+    quorum: int | None = Field(default=None, ge=1)
+
+
+class Config(_Strict):
+    volume: VolumeConfig
+    targets: list[TargetConfig] = Field(default_factory=list)
+    replication: ReplicationConfig = ReplicationConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        names = [t.name for t in self.targets]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"targets: duplicate target name {sorted(dup)[0]!r}")
+        q = self.replication.quorum
+        n_sync = sum(t.mode == "sync" for t in self.targets)
+        if q is not None and q > n_sync:
+            raise ValueError(
+                f'replication.quorum: is {q} but only {n_sync} target(s) have mode = "sync"'
+            )
+        return self
+
+    def target(self, name: str) -> TargetConfig:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        known = ", ".join(t.name for t in self.targets) or "none"
+        raise ConfigError(f"no target named {name!r} in the config (targets: {known})")
+
+    def passphrase(self) -> str:
+        """The volume passphrase from its file or environment variable."""
+        v = self.volume
+        if v.passphrase_file is not None:
+            try:
+                return v.passphrase_file.read_text().rstrip("\n")
+            except OSError as e:
+                raise ConfigError(
+                    f"volume.passphrase_file: cannot read {v.passphrase_file}: {e.strerror or e}"
+                ) from None
+        p = os.environ.get(v.passphrase_env)
+        if not p:
+            raise ConfigError(
+                f"volume.encryption is on but environment variable {v.passphrase_env} is empty; "
+                f"export the passphrase or set volume.passphrase_file"
+            )
+        return p
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _explain(err: ValidationError) -> str:
+    e = err.errors()[0]
+    # Validator errors that raise ValueError carry a "Value error, " prefix.
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    loc = tuple(p for p in e["loc"] if p not in ("function-after",))
+    kind = e["type"]
+    if kind == "missing":
+        msg = "is required but missing"
+    elif kind == "extra_forbidden":
+        msg = "is not a known setting (check the spelling)"
+    elif kind == "literal_error":
+        got = e.get("input")
+        msg = f"{msg} (got {got!r})"
+    elif kind == "string_pattern_mismatch":
+        msg = "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    # Cross-field messages already name their key.
+    if msg.startswith(("targets:", "replication.")):
+        return msg
+    return f"{_loc(loc)}: {msg}"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_explain(e)}") from None
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a config file is TOML") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    cfg = parse_config(data, str(path))
+    # A relative state_dir is relative to the config file, not to wherever we were started.
+    if not cfg.volume.state_dir.is_absolute():
+        vol = cfg.volume.model_copy(update={"state_dir": (path.parent / cfg.volume.state_dir)})
+        cfg = cfg.model_copy(update={"volume": vol})
+    return cfg

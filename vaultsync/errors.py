@@ -1,0 +1,36 @@
+"""Exceptions that reach users.
+
+Every `VaultsyncError` carries a message written for the person at the
+terminal: what is wrong and what to do. The CLI prints it on one line and exits
+non-zero, without a traceback. Anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class VaultsyncError(Exception):
+    """A failure the user can act on; `str(err)` is the whole explanation."""
+
+
+class ConfigError(VaultsyncError):
+    pass
+
+
+class FormatError(VaultsyncError):
+    """Bytes that are not what the format says: foreign, newer, or damaged."""
+
+
+class CorruptRecordError(FormatError):
+    pass
+
+
+class NewerFormatError(FormatError):
+    pass
+
+
+class CryptoError(VaultsyncError):
+    """Wrong passphrase, or data that fails authentication."""
+
+
+class VolumeError(VaultsyncError):
+    """The local state or a bucket holds something the operation cannot accept."""

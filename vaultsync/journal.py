@@ -1,0 +1,263 @@
+"""The local journal: append-only segment files under `journal/`.
+
+Invariants (kept by this module, relied on by volume.py and the shippers):
+
+1. Only the newest file is open for appends; every older file ends with a SEAL
+   record and never changes again.
+2. A file's header is fsynced, and the directory too, before any record goes in,
+   so a segment that exists on disk always has an intact header, except the
+   newest one if the crash hit between create and that fsync.
+3. A transaction is committed once its TXN record is on disk: CHUNK records
+   precede the TXN record that uses them, so a crash can only leave chunk
+   records of an uncommitted transaction after the last TXN. Recovery cuts the
+   newest file back to the end of its last TXN or SEAL record; what it removes
+   was never acknowledged.
+
+Synchronous file I/O on purpose: callers decide which thread runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaultsync import segment as seg
+from vaultsync.errors import CorruptRecordError, FormatError, VolumeError
+
+
+def segment_name(segno: int) -> str:
+    return f"{segno:016x}.seg"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class RecoveryReport:
+    """What opening the journal had to repair; empty after a clean shutdown."""
+
+    cut_bytes: int = 0  # torn or uncommitted tail removed from the newest segment
+    cut_reason: str | None = None
+    removed_empty: int = 0  # newest segment files dropped because their header was torn
+
+
+@dataclass(frozen=True)
+class Location:
+    segno: int
+    offset: int
+    length: int
+
+
+class Journal:
+    def __init__(self, directory: Path, volume_id: bytes, epoch: int) -> None:
+        self.dir = directory
+        self.volume_id = volume_id
+        self.epoch = epoch
+        self._fd = -1
+        self.segno = 0  # the open segment
+        self.size = 0  # bytes in the open segment
+        self.records = 0  # records in the open segment
+        self.last_lsn = 0  # newest committed LSN anywhere in the journal
+        self.first_lsn: int | None = None  # oldest LSN in the open segment
+        self.opened_at = time.monotonic()
+        self.dirty = False  # appended since the last fsync
+
+    # -- opening and recovery --------------------------------------------
+    @classmethod
+    def open(
+        cls, directory: Path, volume_id: bytes, epoch: int = 0, expect_lsn: int = 0
+    ) -> tuple[Journal, RecoveryReport]:
+        """Open for appending, repairing a torn tail.
+
+        `expect_lsn` is the newest LSN the catalog has applied: the journal
+        must hold it, or something other than a crash damaged the journal, and
+        cutting would throw away acknowledged transactions. Then we refuse.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        j = cls(directory, volume_id, epoch)
+        report = RecoveryReport()
+        segnos = j.segment_numbers()
+        # A newest file without an intact header was never written to (invariant 2).
+        while segnos:
+            path = j.path(segnos[-1])
+            try:
+                with path.open("rb") as f:
+                    seg.SegmentHeader.unpack(f.read(seg.HEADER_SIZE), str(path))
+                break
+            except CorruptRecordError:
+                path.unlink()
+                report.removed_empty += 1
+                segnos.pop()
+        if not segnos:
+            if expect_lsn:
+                raise CorruptRecordError(
+                    f"{directory}: the journal is empty but the catalog has applied LSN "
+                    f"{expect_lsn}; restore the state directory from a target"
+                )
+            j._create(1)
+            return j, report
+        last = segnos[-1]
+        path = j.path(last)
+        buf = path.read_bytes()
+        scan = seg.scan_segment(buf, str(path))
+        j._check_header(scan.header, path)
+        committed_end = seg.HEADER_SIZE
+        count = 0
+        for i, (off, rec) in enumerate(scan.records):
+            if rec.type in (seg.RecordType.TXN, seg.RecordType.SEAL):
+                if j.first_lsn is None and rec.type is seg.RecordType.TXN:
+                    j.first_lsn = rec.lsn
+                committed_end = off + rec.size
+                count = i + 1
+                j.last_lsn = max(j.last_lsn, rec.lsn)
+        if j.last_lsn == 0 and len(segnos) > 1:
+            j.last_lsn = j._sealed_last_lsn(segnos[-2])
+        if j.last_lsn < expect_lsn:
+            raise CorruptRecordError(
+                f"{path}: the journal ends at LSN {j.last_lsn} "
+                f"({scan.stop_reason or 'no damage seen'}) "
+                f"but the catalog has applied LSN {expect_lsn}; the journal was damaged. "
+                "Nothing was changed; restore the state directory from a target "
+                "(vaultsync promote) or contact support"
+            )
+        if committed_end < len(buf):
+            report.cut_bytes = len(buf) - committed_end
+            report.cut_reason = (
+                scan.stop_reason or "uncommitted chunk records after the last transaction"
+            )
+            with path.open("r+b") as f:
+                f.truncate(committed_end)
+                os.fsync(f.fileno())
+        if scan.sealed:
+            j._create(last + 1)
+        else:
+            j.segno, j.size, j.records = last, committed_end, count
+            j._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        return j, report
+
+    def _check_header(self, h: seg.SegmentHeader, path: Path) -> None:
+        if h.volume_id != self.volume_id:
+            raise VolumeError(
+                f"{path} belongs to volume {h.volume_id.hex()}, not {self.volume_id.hex()}: "
+                "the state directory holds another volume's journal"
+            )
+
+    def _sealed_last_lsn(self, segno: int) -> int:
+        buf = self.path(segno).read_bytes()
+        scan = seg.scan_segment(buf, str(self.path(segno)))
+        if not scan.sealed:
+            raise CorruptRecordError(f"{self.path(segno)}: older segment is not sealed")
+        return seg.parse_seal(scan.records[-1][1].payload)[1]
+
+    def _create(self, segno: int) -> None:
+        path = self.path(segno)
+        header = seg.SegmentHeader(self.volume_id, segno, self.epoch, time.time_ns()).pack()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, header)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        _fsync_dir(self.dir)
+        self._fd = fd
+        self.segno, self.size, self.records = segno, len(header), 0
+        self.first_lsn = None
+        self.opened_at = time.monotonic()
+        self.dirty = False
+
+    # -- paths and listing -------------------------------------------------
+    def path(self, segno: int) -> Path:
+        return self.dir / segment_name(segno)
+
+    def segment_numbers(self) -> list[int]:
+        out = []
+        for p in self.dir.glob("*.seg"):
+            with contextlib.suppress(ValueError):
+                out.append(int(p.stem, 16))
+        return sorted(out)
+
+    # -- writing -------------------------------------------------------------
+    def append(self, records: list[seg.Record]) -> list[Location]:
+        """Write records at the end of the open segment (no fsync: see sync())."""
+        if self._fd < 0:
+            raise VolumeError("journal is closed")
+        blobs = [seg.encode_record(r) for r in records]
+        locs = []
+        off = self.size
+        for b in blobs:
+            locs.append(Location(self.segno, off, len(b)))
+            off += len(b)
+        data = b"".join(blobs)
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.size = off
+        self.records += len(records)
+        for r in records:
+            if r.type is seg.RecordType.TXN:
+                self.last_lsn = max(self.last_lsn, r.lsn)
+                if self.first_lsn is None:
+                    self.first_lsn = r.lsn
+        self.dirty = True
+        return locs
+
+    def sync(self) -> None:
+        if self._fd >= 0 and self.dirty:
+            self.dirty = False
+            os.fsync(self._fd)
+
+    def seal(self) -> tuple[int, int | None, int]:
+        """Close the open segment for good and start the next.
+
+        Returns the sealed segment's number, first LSN and size.
+        """
+        sealed, first = self.segno, self.first_lsn
+        payload = seg.seal_payload(self.records, self.last_lsn)
+        self.append([seg.Record(seg.RecordType.SEAL, self.last_lsn, time.time_ns(), payload)])
+        self.sync()
+        os.close(self._fd)
+        self._fd = -1
+        size = self.size
+        self._create(sealed + 1)
+        return sealed, first, size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- reading ---------------------------------------------------------------
+    def read(self, loc: Location) -> seg.Record:
+        with self.path(loc.segno).open("rb") as f:
+            f.seek(loc.offset)
+            buf = f.read(loc.length)
+        return seg.decode_record(buf, f"{self.path(loc.segno)}@{loc.offset}")
+
+    def iter_committed(self, after_lsn: int = 0) -> Iterator[tuple[Location, seg.Record]]:
+        """Every intact record of committed transactions with LSN > after_lsn, in order.
+
+        Recovery has already cut uncommitted tails, so each CHUNK yielded here
+        is followed by the TXN that commits it.
+        """
+        for segno in self.segment_numbers():
+            path = self.path(segno)
+            buf = path.read_bytes()
+            scan = seg.scan_segment(buf, str(path))
+            if scan.header.volume_id != self.volume_id:
+                raise FormatError(f"{path}: foreign segment in the journal")
+            for off, rec in scan.records:
+                if rec.type is seg.RecordType.SEAL or rec.lsn <= after_lsn:
+                    continue
+                yield Location(segno, off, rec.size), rec
