@@ -1,0 +1,126 @@
+"""The `vaultsync` command line.
+
+Every command turns a `VaultsyncError` into one line on stderr and exit code
+1: the user sees what is wrong and what to do, never a traceback. Anything
+else escaping is a bug and keeps its traceback, so it gets reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vaultsync import __version__
+from vaultsync.config import Config, load_config
+from vaultsync.errors import VaultsyncError
+
+app = typer.Typer(
+    name="vaultsync",
+    help="Replicated storage over S3-compatible object stores.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="The volume's TOML config file.")]
+
+
+def _passphrase(cfg: Config) -> str | None:
+    return cfg.passphrase() if cfg.volume.encryption else None
+
+
+@app.command()
+def init(config: ConfigArg) -> None:
+    """Create the volume locally and write its header to every target."""
+    from vaultsync.targets import init_volume
+
+    cfg = load_config(config)
+    report = asyncio.run(init_volume(cfg, _passphrase(cfg)))
+    h = report.header
+    verb = "created" if report.created_locally else "already exists"
+    out.print(f"volume [bold]{h.name}[/] ({h.volume_id_hex}) {verb} in {cfg.volume.state_dir}")
+    for name, state in report.targets.items():
+        out.print(f"  target {name}: header {state}")
+
+
+@app.command()
+def status(
+    config: ConfigArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    probe: Annotated[bool, typer.Option(help="Contact each target.")] = True,
+) -> None:
+    """Show the volume and every target: mode, health, watermark, lag."""
+    from vaultsync.status import gather_status
+
+    cfg = load_config(config)
+    st = asyncio.run(gather_status(cfg, probe=probe))
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    print_status(st)
+
+
+def print_status(st: dict[str, Any]) -> None:
+    v = st["volume"]
+    if not v.get("initialized"):
+        out.print(f"volume [bold]{v['name']}[/]: not initialized in {v['state_dir']}")
+    else:
+        enc = "encrypted" if v["encrypted"] else "not encrypted"
+        out.print(
+            f"volume [bold]{v['name']}[/] {v['volume_id']}  format v{v['format_version']}, {enc}\n"
+            f"  state {v['state_dir']}  last LSN {v['last_lsn']}  "
+            f"{v['inodes']} inodes  {v['chunks']} chunks  "
+            f"{v['sealed_segments']} sealed segments  journal {v['journal_bytes']} bytes"
+        )
+    table = Table("target", "mode", "health", "watermark", "lag (LSNs)", "where")
+    for t in st["targets"]:
+        table.add_row(
+            t["name"],
+            t["mode"],
+            t["health"],
+            str(t["watermark_lsn"]),
+            str(t["lag_lsn"]),
+            f"{t['endpoint']}/{t['bucket']}/{t['prefix']}",
+        )
+    out.print(table)
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the demo keeps its providers and volume.")
+    ] = Path(".vaultsync-demo"),
+    once: Annotated[
+        bool, typer.Option("--once", help="Set everything up, print status, stop.")
+    ] = False,
+) -> None:
+    """Start two local S3 providers, create a volume replicated to both, keep them up."""
+    from vaultsync.demo import run_demo
+
+    run_demo(directory.resolve(), once=once, console=out)
+
+
+@app.command()
+def version() -> None:
+    """Print the vaultsync version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except VaultsyncError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,108 @@
+"""The embedded default: everything on one machine, for a first look and for the README.
+
+Two independent S3 implementations (SeaweedFS and rclone's S3 server) stand
+for two providers. Their keys are generated once and kept in 0600 files under
+the demo directory, so a second run finds the same buckets and the same
+volume; the keys are never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+
+from vaultsync.config import load_config
+from vaultsync.providers import LocalProvider, start_rclone, start_seaweedfs
+from vaultsync.status import gather_status
+from vaultsync.targets import init_volume
+
+BUCKET = "vaultsync-demo"
+
+
+def _keys(cred_file: Path) -> tuple[str, str]:
+    if cred_file.exists():
+        values = dict(
+            line.split(" = ", 1) for line in cred_file.read_text().splitlines() if " = " in line
+        )
+        return values["access_key_id"], values["secret_access_key"]
+    ak, sk = "VS" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
+    cred_file.parent.mkdir(parents=True, exist_ok=True)
+    cred_file.touch(mode=0o600)
+    cred_file.write_text(f"access_key_id = {ak}\nsecret_access_key = {sk}\n")
+    return ak, sk
+
+
+def _write_config(directory: Path, providers: dict[str, LocalProvider]) -> Path:
+    modes = {"seaweedfs": "sync", "rclone": "async"}
+    parts = [
+        "# Written by `vaultsync demo`; endpoints change on every run.\n",
+        "[volume]\nname = \"demo\"\nstate_dir = \"volume\"\nchunk_size = \"1MiB\"\n",
+    ]
+    for name, p in providers.items():
+        parts.append(
+            f"\n[[targets]]\nname = \"{name}\"\nendpoint = \"{p.endpoint}\"\n"
+            f"bucket = \"{BUCKET}\"\nprefix = \"demo\"\nmode = \"{modes[name]}\"\n"
+            f"credentials = {{ file = \"credentials/{name}.cred\" }}\n"
+        )
+    path = directory / "vaultsync.toml"
+    path.write_text("".join(parts))
+    return path
+
+
+def run_demo(directory: Path, *, once: bool, console: Console) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    providers: dict[str, LocalProvider] = {}
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    try:
+        for name, start in (("seaweedfs", start_seaweedfs), ("rclone", start_rclone)):
+            ak, sk = _keys(directory / "credentials" / f"{name}.cred")
+            console.print(f"starting local provider [bold]{name}[/] …")
+            p = start(directory / "providers" / name, access_key=ak, secret_key=sk)
+            providers[name] = p
+            p.create_bucket(BUCKET)
+            console.print(f"  {name} serves S3 at {p.endpoint} (pid {p.pid})")
+        config_path = _write_config(directory, providers)
+        cfg = load_config(config_path)
+        report = asyncio.run(init_volume(cfg, None))
+        verb = "created" if report.created_locally else "reopened"
+        console.print(
+            f"volume [bold]{report.header.name}[/] {report.header.volume_id_hex} {verb}; "
+            + ", ".join(f"{k}: header {v}" for k, v in report.targets.items())
+        )
+        from vaultsync.cli import print_status
+
+        print_status(asyncio.run(gather_status(cfg)))
+        console.print(
+            f"\nconfig: {config_path}\n"
+            f"try:    vaultsync status {config_path}\n"
+            "(the FUSE mount and the restore API join this demo as they land)"
+        )
+        if once:
+            return
+        old = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+        console.print("\nproviders running; press Ctrl-C to stop them")
+        try:
+            while not stop.wait(1.0):
+                for name, p in providers.items():
+                    if not p.alive():
+                        console.print(f"[red]provider {name} exited; see {p.log_file}[/]")
+                        stop.set()
+        finally:
+            signal.signal(signal.SIGINT, old[0])
+            signal.signal(signal.SIGTERM, old[1])
+    finally:
+        for name, p in providers.items():
+            console.print(f"stopping {name} (pid {p.pid})")
+            with contextlib.suppress(Exception):
+                p.stop()
