@@ -43,13 +43,13 @@ def _write_config(directory: Path, providers: dict[str, LocalProvider]) -> Path:
     modes = {"seaweedfs": "sync", "rclone": "async"}
     parts = [
         "# Written by `vaultsync demo`; endpoints change on every run.\n",
-        "[volume]\nname = \"demo\"\nstate_dir = \"volume\"\nchunk_size = \"1MiB\"\n",
+        '[volume]\nname = "demo"\nstate_dir = "volume"\nchunk_size = "1MiB"\n',
     ]
     for name, p in providers.items():
         parts.append(
-            f"\n[[targets]]\nname = \"{name}\"\nendpoint = \"{p.endpoint}\"\n"
-            f"bucket = \"{BUCKET}\"\nprefix = \"demo\"\nmode = \"{modes[name]}\"\n"
-            f"credentials = {{ file = \"credentials/{name}.cred\" }}\n"
+            f'\n[[targets]]\nname = "{name}"\nendpoint = "{p.endpoint}"\n'
+            f'bucket = "{BUCKET}"\nprefix = "demo"\nmode = "{modes[name]}"\n'
+            f'credentials = {{ file = "credentials/{name}.cred" }}\n'
         )
     path = directory / "vaultsync.toml"
     path.write_text("".join(parts))

@@ -61,7 +61,9 @@ class InitReport:
     targets: dict[str, HeaderState]
 
 
-async def publish_header(store: ObjectStore, target: TargetConfig, header: VolumeHeader) -> HeaderState:
+async def publish_header(
+    store: ObjectStore, target: TargetConfig, header: VolumeHeader
+) -> HeaderState:
     if await store.create_if_absent(HEADER_KEY, header.to_bytes()):
         return "created"
     found = await read_remote_header(store)
@@ -114,7 +116,9 @@ async def init_volume(cfg: Config, passphrase: str | None) -> InitReport:
         states = await asyncio.gather(
             *(publish_header(s, t, header) for s, t in zip(stores, cfg.targets, strict=True))
         )
-    return InitReport(header, created, {t.name: st for t, st in zip(cfg.targets, states, strict=True)})
+    return InitReport(
+        header, created, {t.name: st for t, st in zip(cfg.targets, states, strict=True)}
+    )
 
 
 async def probe_target(store: ObjectStore, header: VolumeHeader | None) -> str:
