@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -200,3 +201,47 @@ def test_encrypted_volume_needs_the_right_passphrase(
     wrong = run(["init", str(cfg)], {**env, "VAULTSYNC_PASSPHRASE": "battery staple"})
     assert_one_line_error(wrong, "wrong passphrase")
     assert "battery staple" not in wrong.stderr
+
+
+def test_demo_once_starts_providers_and_creates_the_volume(tmp_path: Path) -> None:
+    res = run(["demo", "--dir", str(tmp_path / "demo"), "--once"], timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert "seaweedfs: header created" in " ".join(res.stdout.split())
+    assert "rclone: header created" in " ".join(res.stdout.split())
+    # The providers it started are gone: their PIDs were stopped, not left behind.
+    pids = {int(m) for m in re.findall(r"\(pid (\d+)\)", res.stdout)}
+    assert len(pids) == 2
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(") ")[1].startswith("Z")
+
+
+def test_relative_paths_in_config_are_relative_to_the_file(
+    tmp_path: Path, seaweedfs: LocalProvider
+) -> None:
+    bucket = fresh_bucket(seaweedfs)
+    conf_dir = tmp_path / "etc"
+    (conf_dir / "keys").mkdir(parents=True)
+    cred = conf_dir / "keys" / "sw.cred"
+    cred.write_text(
+        f"access_key_id = {seaweedfs.access_key}\nsecret_access_key = {seaweedfs.secret_key}\n"
+    )
+    cred.chmod(0o600)
+    cfg = conf_dir / "vs.toml"
+    cfg.write_text(
+        '[volume]\nname = "rel"\nstate_dir = "state"\n'
+        f'[[targets]]\nname = "sw"\nendpoint = "{seaweedfs.endpoint}"\nbucket = "{bucket}"\n'
+        'credentials = { file = "keys/sw.cred" }\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = subprocess.run(
+        [sys.executable, "-m", "vaultsync", "init", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (conf_dir / "state" / "volume.json").exists()
+    assert not (elsewhere / "state").exists()

@@ -262,6 +262,22 @@ def parse_config(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"{source}: {_explain(e)}") from None
 
 
+def _anchor_paths(data: dict[str, Any], base: Path) -> None:
+    def fix(d: Any, key: str) -> None:
+        if isinstance(d, dict) and isinstance(d.get(key), str) and d[key]:
+            p = Path(d[key]).expanduser()
+            d[key] = str(p if p.is_absolute() else base / p)
+
+    vol = data.get("volume")
+    fix(vol, "state_dir")
+    fix(vol, "passphrase_file")
+    targets = data.get("targets")
+    if isinstance(targets, list):
+        for t in targets:
+            if isinstance(t, dict):
+                fix(t.get("credentials"), "file")
+
+
 def load_config(path: Path | str) -> Config:
     path = Path(path)
     try:
@@ -276,9 +292,7 @@ def load_config(path: Path | str) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text; a config file is TOML") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    # Relative paths in the file are relative to the file, not to wherever we were started.
+    _anchor_paths(data, path.resolve().parent)
     cfg = parse_config(data, str(path))
-    # A relative state_dir is relative to the config file, not to wherever we were started.
-    if not cfg.volume.state_dir.is_absolute():
-        vol = cfg.volume.model_copy(update={"state_dir": (path.parent / cfg.volume.state_dir)})
-        cfg = cfg.model_copy(update={"volume": vol})
     return cfg
