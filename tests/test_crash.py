@@ -55,13 +55,13 @@ async def test_sigkill_never_loses_an_acknowledged_commit(tmp_path: Path) -> Non
         vol = await Volume.open(state, segment_size=64 * 1024)
         try:
             for ino, digest in promised.items():
-                blocks = await vol.catalog.blocks(ino)
+                blocks = vol.catalog.blocks(ino)
                 assert blocks, f"acknowledged file {ino} is gone after kill #{round_no}"
                 data = b"".join([await vol.read_chunk(c) for _, (c, _) in sorted(blocks.items())])
                 assert blake3(data).hexdigest() == digest, f"file {ino} differs"
             # What survived is a prefix of what was committed: no gaps in inode numbers.
-            counts = await vol.catalog.counts()
-            top = await vol.catalog.max_ino()
+            counts = vol.catalog.counts()
+            top = vol.catalog.max_ino()
             assert counts["inodes"] == 1 + (top - 99 if top >= 100 else 0)
             next_ino = top + 1
         finally:

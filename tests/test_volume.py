@@ -32,13 +32,13 @@ async def write_files(vol: Volume, n: int, *, durable: bool = True) -> dict[int,
 
 
 async def read_file(vol: Volume, ino: int) -> bytes:
-    blocks = await vol.catalog.blocks(ino)
+    blocks = vol.catalog.blocks(ino)
     return b"".join([await vol.read_chunk(cid) for _, (cid, _) in sorted(blocks.items())])
 
 
 async def test_create_makes_root_and_refuses_to_overwrite(tmp_path: Path) -> None:
     vol = await make_volume(tmp_path / "s")
-    root = await vol.catalog.inode(ROOT_INO)
+    root = vol.catalog.inode(ROOT_INO)
     assert root is not None and root.nlink == 2
     assert vol.last_lsn == 1
     await vol.close()
@@ -69,7 +69,7 @@ async def test_identical_chunks_are_stored_once(tmp_path: Path) -> None:
     for i in range(3):
         p = await vol.prepare_chunks([data])
         await vol.commit(file_ops(10 + i, f"d{i}".encode(), [(p[0].id, len(data))]), p)
-    counts = await vol.catalog.counts()
+    counts = vol.catalog.counts()
     await vol.close()
     assert counts["chunks"] == 1 and counts["blocks"] == 3
 
@@ -142,7 +142,7 @@ async def test_sealing_records_segments(tmp_path: Path) -> None:
     state = tmp_path / "s"
     vol = await make_volume(state, segment_size=8 * 1024)
     await write_files(vol, 20)
-    segs = await vol.catalog.segments()
+    segs = vol.catalog.segments()
     await vol.close()
     sealed = [s for s in segs if s["sealed"]]
     assert len(sealed) >= 2

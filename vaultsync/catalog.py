@@ -11,22 +11,23 @@ queried. Invariants:
 - A chunk is in `chunks` only if a committed transaction stored it, so a
   deduplicated write never points at a chunk that recovery could cut.
 
-aiosqlite runs statements on its own thread and awaits each one, so other
-coroutines run between the statements of one update; `_lock` serialises the
-multi-statement updates and `BEGIN IMMEDIATE` makes each one atomic on disk.
+The catalog is plain sqlite3 used from the event-loop thread, not aiosqlite
+(which the first design named): a point query costs ~4 µs here against ~240 µs
+through aiosqlite's thread hop, and metadata-heavy workloads (create, stat,
+rename) are made of nothing but such queries. Every method is synchronous and
+short; since nothing awaits between the statements of an update, no other
+coroutine can observe or interleave with a half-applied transaction.
 SQLite runs with synchronous=NORMAL: a power cut may lose the newest catalog
 commits, which replay from the journal on the next open.
 """
 
 from __future__ import annotations
 
-import asyncio
+import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import aiosqlite
 
 from vaultsync.journal import Location
 from vaultsync.txn import (
@@ -106,79 +107,77 @@ class StoredChunk:
 
 
 class Catalog:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
-        self._lock = asyncio.Lock()
+        self._last_lsn = 0
 
     @classmethod
-    async def open(cls, path: Path) -> Catalog:
-        db = await aiosqlite.connect(path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=OFF")
-        await db.executescript(_SCHEMA)
+    def open(cls, path: Path) -> Catalog:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.executescript(_SCHEMA)
         cat = cls(db)
-        if await cat.get_meta("schema_version") is None:
-            await cat.set_meta("schema_version", SCHEMA_VERSION)
+        if cat.get_meta("schema_version") is None:
+            cat.set_meta("schema_version", SCHEMA_VERSION)
+        cat._last_lsn = int(cat.get_meta("last_lsn") or 0)
         return cat
 
-    async def close(self) -> None:
-        await self.db.close()
+    def close(self) -> None:
+        self.db.close()
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        return self.db.execute(sql, args).fetchone()
 
     # -- meta --------------------------------------------------------------------
-    async def get_meta(self, key: str) -> Any:
-        async with self.db.execute("SELECT value FROM meta WHERE key=?", (key,)) as cur:
-            row = await cur.fetchone()
+    def get_meta(self, key: str) -> Any:
+        row = self._one("SELECT value FROM meta WHERE key=?", (key,))
         return None if row is None else row[0]
 
-    async def set_meta(self, key: str, value: Any) -> None:
-        async with self._lock:
-            await self.db.execute(
-                "INSERT INTO meta(key, value) VALUES(?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (key, value),
-            )
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
 
-    async def last_lsn(self) -> int:
-        v = await self.get_meta("last_lsn")
-        return int(v or 0)
+    def last_lsn(self) -> int:
+        return self._last_lsn
 
     # -- applying transactions ----------------------------------------------------
-    async def apply(self, lsn: int, txn: Transaction, chunks: Iterable[StoredChunk] = ()) -> None:
+    def apply(self, lsn: int, txn: Transaction, chunks: Iterable[StoredChunk] = ()) -> None:
         """Apply one committed transaction atomically, with the chunks it stored."""
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                current = await self.last_lsn()
-                if lsn <= current:
-                    # Replay of something already applied: idempotent by design, skip the work.
-                    await self.db.execute("ROLLBACK")
-                    return
-                await self.db.executemany(
-                    "INSERT OR IGNORE INTO chunks(id, segno, offset, length, lsn) "
-                    "VALUES(?, ?, ?, ?, ?)",
-                    [
-                        (c.id, c.location.segno, c.location.offset, c.location.length, c.lsn)
-                        for c in chunks
-                    ],
-                )
-                for op in txn.ops:
-                    await self._apply_op(op)
-                await self.db.execute(
-                    "INSERT INTO meta(key, value) VALUES('last_lsn', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    (lsn,),
-                )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        if lsn <= self._last_lsn:
+            return  # replay of something already applied: idempotent by design
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany(
+                "INSERT OR IGNORE INTO chunks(id, segno, offset, length, lsn) "
+                "VALUES(?, ?, ?, ?, ?)",
+                [
+                    (c.id, c.location.segno, c.location.offset, c.location.length, c.lsn)
+                    for c in chunks
+                ],
+            )
+            for op in txn.ops:
+                self._apply_op(op)
+            self.db.execute(
+                "INSERT INTO meta(key, value) VALUES('last_lsn', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (lsn,),
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self._last_lsn = lsn
 
-    async def _apply_op(self, op: Op) -> None:
+    def _apply_op(self, op: Op) -> None:
         x = self.db.execute
         match op:
             case SetInode():
-                await x(
+                x(
                     "INSERT OR REPLACE INTO inodes(ino, mode, uid, gid, size, nlink, rdev, "
                     "atime_ns, mtime_ns, ctime_ns, target) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
                     (
@@ -196,37 +195,37 @@ class Catalog:
                     ),
                 )
             case DropInode():
-                await x("DELETE FROM inodes WHERE ino=?", (op.ino,))
-                await x("DELETE FROM blocks WHERE ino=?", (op.ino,))
-                await x("DELETE FROM xattrs WHERE ino=?", (op.ino,))
+                x("DELETE FROM inodes WHERE ino=?", (op.ino,))
+                x("DELETE FROM blocks WHERE ino=?", (op.ino,))
+                x("DELETE FROM xattrs WHERE ino=?", (op.ino,))
             case SetDirent():
-                await x(
+                x(
                     "INSERT INTO dirents(parent, name, ino) VALUES(?,?,?) "
                     "ON CONFLICT(parent, name) DO UPDATE SET ino=excluded.ino",
                     (op.parent, op.name, op.ino),
                 )
             case DropDirent():
-                await x("DELETE FROM dirents WHERE parent=? AND name=?", (op.parent, op.name))
+                x("DELETE FROM dirents WHERE parent=? AND name=?", (op.parent, op.name))
             case SetBlocks():
                 holes = [(op.ino, b) for b, cid, _ in op.blocks if cid is None]
                 sets = [
                     (op.ino, b, bytes.fromhex(cid), n) for b, cid, n in op.blocks if cid is not None
                 ]
                 if holes:
-                    await self.db.executemany("DELETE FROM blocks WHERE ino=? AND blockno=?", holes)
+                    self.db.executemany("DELETE FROM blocks WHERE ino=? AND blockno=?", holes)
                 if sets:
-                    await self.db.executemany(
+                    self.db.executemany(
                         "INSERT OR REPLACE INTO blocks(ino, blockno, chunk, length) "
                         "VALUES(?,?,?,?)",
                         sets,
                     )
             case TruncateBlocks():
-                await x("DELETE FROM blocks WHERE ino=? AND blockno>=?", (op.ino, op.first))
+                x("DELETE FROM blocks WHERE ino=? AND blockno>=?", (op.ino, op.first))
             case SetXattr():
                 if op.value is None:
-                    await x("DELETE FROM xattrs WHERE ino=? AND name=?", (op.ino, op.name))
+                    x("DELETE FROM xattrs WHERE ino=? AND name=?", (op.ino, op.name))
                 else:
-                    await x(
+                    x(
                         "INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES(?,?,?)",
                         (op.ino, op.name, op.value),
                     )
@@ -234,24 +233,20 @@ class Catalog:
                 raise TypeError(f"unknown operation {op!r}")
 
     # -- chunks and segments ---------------------------------------------------------
-    async def chunk_location(self, cid: bytes) -> Location | None:
-        async with self.db.execute(
-            "SELECT segno, offset, length FROM chunks WHERE id=?", (cid,)
-        ) as cur:
-            row = await cur.fetchone()
+    def chunk_location(self, cid: bytes) -> Location | None:
+        row = self._one("SELECT segno, offset, length FROM chunks WHERE id=?", (cid,))
         return None if row is None else Location(row[0], row[1], row[2])
 
-    async def known_chunks(self, ids: Iterable[bytes]) -> set[bytes]:
+    def known_chunks(self, ids: Iterable[bytes]) -> set[bytes]:
         ids = list(ids)
         found: set[bytes] = set()
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
             q = f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})"
-            async with self.db.execute(q, part) as cur:
-                found.update(r[0] for r in await cur.fetchall())
+            found.update(r[0] for r in self.db.execute(q, part))
         return found
 
-    async def note_segment(
+    def note_segment(
         self,
         segno: int,
         size: int,
@@ -259,81 +254,106 @@ class Catalog:
         last_lsn: int | None,
         sealed_ns: int | None,
     ) -> None:
-        async with self._lock:
-            await self.db.execute(
-                "INSERT INTO segments(segno, first_lsn, last_lsn, size, sealed, sealed_ns) "
-                "VALUES(?,?,?,?,?,?) ON CONFLICT(segno) DO UPDATE SET "
-                "first_lsn=coalesce(segments.first_lsn, excluded.first_lsn), "
-                "last_lsn=excluded.last_lsn, size=excluded.size, sealed=excluded.sealed, "
-                "sealed_ns=excluded.sealed_ns",
-                (segno, first_lsn, last_lsn, size, int(sealed_ns is not None), sealed_ns),
-            )
+        self.db.execute(
+            "INSERT INTO segments(segno, first_lsn, last_lsn, size, sealed, sealed_ns) "
+            "VALUES(?,?,?,?,?,?) ON CONFLICT(segno) DO UPDATE SET "
+            "first_lsn=coalesce(segments.first_lsn, excluded.first_lsn), "
+            "last_lsn=excluded.last_lsn, size=excluded.size, sealed=excluded.sealed, "
+            "sealed_ns=excluded.sealed_ns",
+            (segno, first_lsn, last_lsn, size, int(sealed_ns is not None), sealed_ns),
+        )
 
-    async def segments(self) -> list[dict[str, Any]]:
-        async with self.db.execute(
+    def segments(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
             "SELECT segno, first_lsn, last_lsn, size, sealed, sealed_ns "
             "FROM segments ORDER BY segno"
-        ) as cur:
-            rows = await cur.fetchall()
+        ).fetchall()
         keys = ("segno", "first_lsn", "last_lsn", "size", "sealed", "sealed_ns")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
-    async def set_watermark(self, target: str, segno: int, lsn: int, now_ns: int) -> None:
-        async with self._lock:
-            await self.db.execute(
-                "INSERT INTO watermarks(target, segno, lsn, updated_ns) VALUES(?,?,?,?) "
-                "ON CONFLICT(target) DO UPDATE SET segno=excluded.segno, lsn=excluded.lsn, "
-                "updated_ns=excluded.updated_ns",
-                (target, segno, lsn, now_ns),
-            )
+    def set_watermark(self, target: str, segno: int, lsn: int, now_ns: int) -> None:
+        self.db.execute(
+            "INSERT INTO watermarks(target, segno, lsn, updated_ns) VALUES(?,?,?,?) "
+            "ON CONFLICT(target) DO UPDATE SET segno=excluded.segno, lsn=excluded.lsn, "
+            "updated_ns=excluded.updated_ns",
+            (target, segno, lsn, now_ns),
+        )
 
-    async def watermarks(self) -> dict[str, tuple[int, int, int]]:
-        async with self.db.execute("SELECT target, segno, lsn, updated_ns FROM watermarks") as cur:
-            return {r[0]: (r[1], r[2], r[3]) for r in await cur.fetchall()}
+    def watermarks(self) -> dict[str, tuple[int, int, int]]:
+        rows = self.db.execute("SELECT target, segno, lsn, updated_ns FROM watermarks")
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     # -- namespace queries -------------------------------------------------------------
-    async def inode(self, ino: int) -> Inode | None:
-        async with self.db.execute(
+    def inode(self, ino: int) -> Inode | None:
+        row = self._one(
             "SELECT ino, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, target "
             "FROM inodes WHERE ino=?",
             (ino,),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else Inode(*row)
 
-    async def lookup(self, parent: int, name: bytes) -> int | None:
-        async with self.db.execute(
-            "SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)
-        ) as cur:
-            row = await cur.fetchone()
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        row = self._one("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name))
         return None if row is None else int(row[0])
 
-    async def listdir(self, parent: int, after_id: int = 0, limit: int = 1000) -> list[Dirent]:
-        async with self.db.execute(
+    def has_children(self, parent: int) -> bool:
+        return self._one("SELECT 1 FROM dirents WHERE parent=? LIMIT 1", (parent,)) is not None
+
+    def parent_of(self, ino: int) -> int | None:
+        """A directory's parent (directories have exactly one entry naming them)."""
+        row = self._one("SELECT parent FROM dirents WHERE ino=? LIMIT 1", (ino,))
+        return None if row is None else int(row[0])
+
+    def listdir(self, parent: int, after_id: int = 0, limit: int = 1000) -> list[Dirent]:
+        rows = self.db.execute(
             "SELECT id, name, ino FROM dirents WHERE parent=? AND id>? ORDER BY id LIMIT ?",
             (parent, after_id, limit),
-        ) as cur:
-            return [Dirent(*r) for r in await cur.fetchall()]
+        )
+        return [Dirent(*r) for r in rows]
 
-    async def blocks(self, ino: int) -> dict[int, tuple[bytes, int]]:
-        async with self.db.execute(
+    def blocks(self, ino: int) -> dict[int, tuple[bytes, int]]:
+        rows = self.db.execute(
             "SELECT blockno, chunk, length FROM blocks WHERE ino=? ORDER BY blockno", (ino,)
-        ) as cur:
-            return {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+        )
+        return {r[0]: (r[1], r[2]) for r in rows}
 
-    async def xattrs(self, ino: int) -> dict[bytes, bytes]:
-        async with self.db.execute("SELECT name, value FROM xattrs WHERE ino=?", (ino,)) as cur:
-            return {r[0]: r[1] for r in await cur.fetchall()}
+    def block(self, ino: int, blockno: int) -> tuple[bytes, int] | None:
+        row = self._one(
+            "SELECT chunk, length FROM blocks WHERE ino=? AND blockno=?", (ino, blockno)
+        )
+        return None if row is None else (row[0], row[1])
 
-    async def max_ino(self) -> int:
-        async with self.db.execute("SELECT coalesce(max(ino), 0) FROM inodes") as cur:
-            row = await cur.fetchone()
+    def block_range(self, ino: int, first: int, last: int) -> dict[int, tuple[bytes, int]]:
+        rows = self.db.execute(
+            "SELECT blockno, chunk, length FROM blocks WHERE ino=? AND blockno BETWEEN ? AND ?",
+            (ino, first, last),
+        )
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def xattrs(self, ino: int) -> dict[bytes, bytes]:
+        rows = self.db.execute("SELECT name, value FROM xattrs WHERE ino=?", (ino,))
+        return {r[0]: r[1] for r in rows}
+
+    def xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self._one("SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, name))
+        return None if row is None else bytes(row[0])
+
+    def max_ino(self) -> int:
+        row = self._one("SELECT coalesce(max(ino), 0) FROM inodes")
         return int(row[0]) if row else 0
 
-    async def counts(self) -> dict[str, int]:
+    def orphans(self) -> list[int]:
+        """Inodes with no link left: open-but-unlinked files whose last close never came."""
+        return [int(r[0]) for r in self.db.execute("SELECT ino FROM inodes WHERE nlink=0")]
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes in chunks referenced, inode count) for statfs."""
+        row = self._one("SELECT coalesce(sum(size), 0), count(*) FROM inodes")
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def counts(self) -> dict[str, int]:
         out = {}
         for table in ("inodes", "dirents", "blocks", "chunks", "segments"):
-            async with self.db.execute(f"SELECT count(*) FROM {table}") as cur:
-                row = await cur.fetchone()
+            row = self._one(f"SELECT count(*) FROM {table}")
             out[table] = int(row[0]) if row else 0
         return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,9 @@ class Journal:
         self.first_lsn: int | None = None  # oldest LSN in the open segment
         self.opened_at = time.monotonic()
         self.dirty = False  # appended since the last fsync
+        # Sealed segments' descriptors whose fsync is still owed (see seal()).
+        self._owed: list[int] = []
+        self._dir_dirty = False
 
     # -- opening and recovery --------------------------------------------
     @classmethod
@@ -158,22 +161,26 @@ class Journal:
             raise CorruptRecordError(f"{self.path(segno)}: older segment is not sealed")
         return seg.parse_seal(scan.records[-1][1].payload)[1]
 
-    def _create(self, segno: int) -> None:
+    def _create(self, segno: int, durable: bool = True) -> None:
         path = self.path(segno)
         header = seg.SegmentHeader(self.volume_id, segno, self.epoch, time.time_ns()).pack()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
             os.write(fd, header)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             raise
-        _fsync_dir(self.dir)
+        if durable:
+            _fsync_dir(self.dir)
+        else:
+            self._dir_dirty = True
         self._fd = fd
         self.segno, self.size, self.records = segno, len(header), 0
         self.first_lsn = None
         self.opened_at = time.monotonic()
-        self.dirty = False
+        self.dirty = not durable
 
     # -- paths and listing -------------------------------------------------
     def path(self, segno: int) -> Path:
@@ -212,29 +219,68 @@ class Journal:
         self.dirty = True
         return locs
 
+    def sync_work(self) -> Callable[[], None]:
+        """Take what is owed to the disk now; return the blocking part, to run in a thread.
+
+        Called on the thread that appends. Everything appended before the call
+        is durable once the returned function has returned: the open segment,
+        segments sealed since the last sync (their descriptors are closed only
+        after their fsync), and the directory entries of new segment files.
+        Only one returned function may run at a time (volume.py serialises).
+        """
+        owed, self._owed = self._owed, []
+        fd = self._fd if self.dirty else -1
+        dir_dirty, self._dir_dirty = self._dir_dirty, False
+        self.dirty = False
+
+        def work() -> None:
+            for old in owed:
+                os.fsync(old)
+                os.close(old)
+            if fd >= 0:
+                os.fdatasync(fd)
+            if dir_dirty:
+                _fsync_dir(self.dir)
+
+        return work
+
+    @property
+    def needs_sync(self) -> bool:
+        return self.dirty or bool(self._owed) or self._dir_dirty
+
     def sync(self) -> None:
-        if self._fd >= 0 and self.dirty:
-            self.dirty = False
-            os.fsync(self._fd)
+        self.sync_work()()
+
+    def sealed_info(self, segno: int) -> tuple[int | None, int, int]:
+        """(first LSN, last LSN, size) of a sealed segment, read from its file."""
+        path = self.path(segno)
+        buf = path.read_bytes()
+        scan = seg.scan_segment(buf, str(path))
+        if not scan.sealed:
+            raise CorruptRecordError(f"{path}: older segment is not sealed")
+        first = next((r.lsn for _, r in scan.records if r.type is seg.RecordType.TXN), None)
+        return first, seg.parse_seal(scan.records[-1][1].payload)[1], len(buf)
 
     def seal(self) -> tuple[int, int | None, int]:
-        """Close the open segment for good and start the next.
+        """Close the open segment for good and start the next, without waiting for the disk.
 
-        Returns the sealed segment's number, first LSN and size.
+        Returns the sealed segment's number, first LSN and size. Its fsync is
+        owed to the next sync(); only after that may it count as sealed for
+        upload (volume.py notes it in the catalog then).
         """
         sealed, first = self.segno, self.first_lsn
         payload = seg.seal_payload(self.records, self.last_lsn)
         self.append([seg.Record(seg.RecordType.SEAL, self.last_lsn, time.time_ns(), payload)])
-        self.sync()
-        os.close(self._fd)
+        self._owed.append(self._fd)
         self._fd = -1
         size = self.size
-        self._create(sealed + 1)
+        self._create(sealed + 1, durable=False)
         return sealed, first, size
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if self._fd >= 0 or self._owed:
             self.sync()
+        if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 

@@ -2,17 +2,21 @@
 
 Commit protocol (the order is the crash-safety argument):
 
-1. Chunks are hashed, compressed and encrypted off the event loop, before any
-   lock is taken (`prepare_chunks`).
-2. Under the commit lock: an LSN is assigned; the CHUNK records not already in
-   the catalog, then the TXN record, are appended to the journal in one write.
-3. For a durable commit the journal is fsynced before anything else happens;
-   that is the point where `commit(durable=True)` may be acknowledged.
-4. The transaction is applied to the catalog (catalog.py keeps it atomic).
+1. Chunks are hashed, compressed and encrypted before the commit
+   (`prepare_chunks`, in a worker thread for anything but small blocks).
+2. `commit_nowait`, on the event-loop thread with no await inside, so it is
+   atomic with respect to every other coroutine: an LSN is assigned; the CHUNK
+   records not already in the catalog, then the TXN record, are appended to
+   the journal in one write(); then the transaction is applied to the catalog.
+3. A durable commit then waits for `sync()`: one fsync in a worker thread
+   covers every transaction appended before it started (group commit), so
+   concurrent fsyncs share the disk's latency. Only then is it acknowledged.
 
-A crash after 2 leaves a journal ahead of the catalog: `open` replays it. A
-crash inside 2 leaves a torn tail: the journal cuts it, and since the catalog
-had not seen that LSN, nothing that was acknowledged is lost.
+A crash after the write() of 2 leaves a journal at or ahead of the catalog:
+`open` replays it. A crash inside the write() leaves a torn tail: the journal
+cuts it; the catalog had not seen that LSN, and it was never acknowledged.
+A segment is recorded as sealed in the catalog (and so becomes eligible for
+upload) only after the sync that made its last byte durable.
 
 Local state directory:
     volume.json   copy of the bucket header (identity and parameters)
@@ -23,6 +27,7 @@ Local state directory:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
@@ -36,7 +41,7 @@ from vaultsync.chunks import Codec
 from vaultsync.crypto import VolumeKeys
 from vaultsync.errors import VolumeError
 from vaultsync.header import HEADER_KEY, VolumeHeader
-from vaultsync.journal import Journal, Location, RecoveryReport
+from vaultsync.journal import Journal, RecoveryReport
 from vaultsync.txn import Op, SetInode, Transaction
 
 ROOT_INO = 1
@@ -88,8 +93,12 @@ class Volume:
         self.segment_max_age = segment_max_age
         self.recovery = RecoveryReport()
         self.replayed = 0  # transactions re-applied from the journal on open
-        self._lock = asyncio.Lock()
         self._next_lsn = journal.last_lsn + 1
+        self._synced_lsn = self._next_lsn - 1  # everything on disk at open is durable
+        self._sync_task: asyncio.Future[None] | None = None
+        self._unnoted: list[tuple[int, int | None, int, int]] = []  # sealed, not yet synced
+        self._background: set[asyncio.Future[None]] = set()
+        self._failed: VolumeError | None = None
 
     # -- lifecycle ----------------------------------------------------------
     @classmethod
@@ -157,48 +166,59 @@ class Volume:
         segment_size: int,
         segment_max_age: float,
     ) -> Volume:
-        catalog = await Catalog.open(state_dir / CATALOG_FILE)
+        catalog = Catalog.open(state_dir / CATALOG_FILE)
         try:
-            vid = await catalog.get_meta("volume_id")
+            vid = catalog.get_meta("volume_id")
             if vid is None:
-                await catalog.set_meta("volume_id", header.volume_id_hex)
+                catalog.set_meta("volume_id", header.volume_id_hex)
             elif vid != header.volume_id_hex:
                 raise VolumeError(
                     f"{state_dir}: catalog belongs to volume {vid}, header says "
                     f"{header.volume_id_hex}; the state directory is mixed up"
                 )
-            applied = await catalog.last_lsn()
+            applied = catalog.last_lsn()
             journal, report = await asyncio.to_thread(
                 Journal.open, state_dir / JOURNAL_DIR, header.volume_id, 0, applied
             )
         except BaseException:
-            await catalog.close()
+            catalog.close()
             raise
         vol = cls(state_dir, header, keys, catalog, journal, segment_size, segment_max_age)
         vol.recovery = report
         return vol
 
     async def _replay(self) -> None:
-        applied = await self.catalog.last_lsn()
-        pending: list[StoredChunk] = []
+        applied = self.catalog.last_lsn()
         records = await asyncio.to_thread(lambda: list(self.journal.iter_committed(applied)))
+        pending: list[StoredChunk] = []
         for loc, rec in records:
             if rec.type is seg.RecordType.CHUNK:
                 pending.append(StoredChunk(rec.payload[:32], loc, rec.lsn))
             elif rec.type is seg.RecordType.TXN:
-                body = await asyncio.to_thread(self.codec.decode_txn, rec)
-                await self.catalog.apply(rec.lsn, Transaction.decode(body), pending)
+                body = self.codec.decode_txn(rec)
+                self.catalog.apply(rec.lsn, Transaction.decode(body), pending)
                 pending = []
                 self.replayed += 1
+        # Sealed segments the catalog has not recorded (a crash between seal and sync).
+        known = {s["segno"] for s in self.catalog.segments() if s["sealed"]}
+        for segno in self.journal.segment_numbers()[:-1]:
+            if segno not in known:
+                first, last, size = await asyncio.to_thread(self.journal.sealed_info, segno)
+                self.catalog.note_segment(segno, size, first, last, time.time_ns())
 
     async def close(self) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self.journal.close)
-            await self.catalog.close()
+        await self.sync()
+        for t in list(self._background):
+            t.cancel()
+        await asyncio.to_thread(self.journal.close)
+        self.catalog.close()
 
     # -- writing ----------------------------------------------------------------
+    # Below this size a block is encoded inline: a thread hop costs more than the work.
+    INLINE_PREPARE = 64 * 1024
+
     async def prepare_chunks(self, blocks: Sequence[bytes]) -> list[PreparedChunk]:
-        """Hash, compress and encrypt in a worker thread (the libraries release the GIL)."""
+        """Hash, compress, encrypt; big work goes to a thread (the libraries release the GIL)."""
 
         def work() -> list[PreparedChunk]:
             out = []
@@ -207,56 +227,94 @@ class Volume:
                 out.append(PreparedChunk(cid, len(data), rec))
             return out
 
+        if sum(len(b) for b in blocks) <= self.INLINE_PREPARE:
+            return work()
         return await asyncio.to_thread(work)
+
+    def commit_nowait(self, ops: Iterable[Op], chunks: Sequence[PreparedChunk] = ()) -> int:
+        """Append and apply one transaction; durable only after `sync()`. Returns its LSN."""
+        if self._failed is not None:
+            raise self._failed
+        txn = Transaction(tuple(ops))
+        body = txn.encode()
+        lsn = self._next_lsn
+        now = time.time_ns()
+        known = self.catalog.known_chunks(c.id for c in chunks) if chunks else set()
+        fresh: dict[bytes, PreparedChunk] = {}
+        for c in chunks:
+            if c.id not in known and c.id not in fresh:
+                fresh[c.id] = c
+        records = [replace(c.record, lsn=lsn, time_ns=now) for c in fresh.values()]
+        records.append(self.codec.txn_record(body, lsn, now))
+        locs = self.journal.append(records)
+        self._next_lsn = lsn + 1
+        stored = [StoredChunk(cid, loc, lsn) for cid, loc in zip(fresh, locs[:-1], strict=True)]
+        self.catalog.apply(lsn, txn, stored)
+        if self.journal.size >= self.segment_size:
+            self._seal_nowait()
+        return lsn
 
     async def commit(
         self, ops: Iterable[Op], chunks: Sequence[PreparedChunk] = (), durable: bool = False
     ) -> int:
-        """Commit one transaction; returns its LSN. See the module docstring for the order."""
-        txn = Transaction(tuple(ops))
-        body = txn.encode()
-        async with self._lock:
-            lsn = self._next_lsn
-            now = time.time_ns()
-            known = await self.catalog.known_chunks(c.id for c in chunks)
-            fresh: dict[bytes, PreparedChunk] = {}
-            for c in chunks:
-                if c.id not in known and c.id not in fresh:
-                    fresh[c.id] = c
-            records = [replace(c.record, lsn=lsn, time_ns=now) for c in fresh.values()]
-            records.append(self.codec.txn_record(body, lsn, now))
-            locs = await asyncio.to_thread(self._append, records, durable)
-            self._next_lsn = lsn + 1
-            stored = [StoredChunk(cid, loc, lsn) for cid, loc in zip(fresh, locs[:-1], strict=True)]
-            await self.catalog.apply(lsn, txn, stored)
-            if self.journal.size >= self.segment_size:
-                await self._seal()
-            return lsn
-
-    def _append(self, records: list[seg.Record], durable: bool) -> list[Location]:
-        locs = self.journal.append(records)
+        lsn = self.commit_nowait(ops, chunks)
         if durable:
-            self.journal.sync()
-        return locs
+            await self.sync()
+        return lsn
 
     async def sync(self) -> None:
-        """Make every committed transaction durable in the local journal."""
-        async with self._lock:
-            await asyncio.to_thread(self.journal.sync)
+        """Return once every transaction committed before the call is durable."""
+        target = self.last_lsn
+        if self._sync_task is not None:
+            # That fsync took its work before we were called; ours needs one that starts later.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._sync_task)
+        if self._failed is not None:
+            raise self._failed
+        if self._synced_lsn >= target and not self._unnoted and not self.journal.needs_sync:
+            return
+        if self._sync_task is None:
+            self._sync_task = asyncio.ensure_future(self._sync_once())
+        await asyncio.shield(self._sync_task)
+
+    async def _sync_once(self) -> None:
+        upto = self.last_lsn
+        sealed, self._unnoted = self._unnoted, []
+        work = self.journal.sync_work()
+        try:
+            await asyncio.to_thread(work)
+        except OSError as e:
+            # After a failed fsync the kernel may have dropped the dirty pages: nothing
+            # written since the last good sync can be promised any more. Stop accepting.
+            self._failed = VolumeError(
+                f"the local journal could not be written to disk ({e.strerror or e}); "
+                "the volume is now read-only. Check the disk, then remount"
+            )
+            raise self._failed from e
+        finally:
+            self._sync_task = None
+        self._synced_lsn = max(self._synced_lsn, upto)
+        now = time.time_ns()
+        for segno, first, last, size in sealed:
+            self.catalog.note_segment(segno, size, first, last, now)
+
+    def _seal_nowait(self) -> int:
+        last = self.journal.last_lsn
+        segno, first, size = self.journal.seal()
+        self._unnoted.append((segno, first, last, size))
+        task = asyncio.ensure_future(self.sync())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return segno
 
     async def maybe_seal(self) -> int | None:
         """Seal the open segment if it is old enough and not empty (called by a timer)."""
-        async with self._lock:
-            age = time.monotonic() - self.journal.opened_at
-            if self.journal.records and age >= self.segment_max_age:
-                return await self._seal()
-            return None
-
-    async def _seal(self) -> int:
-        last = self.journal.last_lsn
-        segno, first, size = await asyncio.to_thread(self.journal.seal)
-        await self.catalog.note_segment(segno, size, first, last, time.time_ns())
-        return segno
+        age = time.monotonic() - self.journal.opened_at
+        if self.journal.records and age >= self.segment_max_age:
+            segno = self._seal_nowait()
+            await self.sync()
+            return segno
+        return None
 
     # -- reading --------------------------------------------------------------------
     @property
@@ -264,7 +322,7 @@ class Volume:
         return self._next_lsn - 1
 
     async def read_chunk(self, cid: bytes) -> bytes:
-        loc = await self.catalog.chunk_location(cid)
+        loc = self.catalog.chunk_location(cid)
         if loc is None:
             raise VolumeError(f"chunk {cid.hex()[:16]}… is not in the catalog")
 
