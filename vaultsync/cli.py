@@ -110,6 +110,49 @@ def demo(
 
 
 @app.command()
+def mount(
+    config: ConfigArg,
+    mountpoint: Annotated[Path, typer.Argument(help="An existing empty directory.")],
+    daemon: Annotated[
+        bool, typer.Option("--daemon", "-d", help="Run in the background; return once mounted.")
+    ] = False,
+    log_file: Annotated[
+        Path | None, typer.Option(help="Daemon log (default: STATE_DIR/mount.log).")
+    ] = None,
+) -> None:
+    """Mount the volume; stays in the foreground until unmounted or signalled."""
+    cfg = load_config(config)
+    if daemon:
+        from vaultsync.fuse.mount import start_daemon
+
+        log_path = log_file or cfg.volume.state_dir / "mount.log"
+        pid = start_daemon(config, mountpoint, log_path)
+        out.print(
+            f"volume {cfg.volume.name} mounted at {mountpoint} (pid {pid}, log {log_path})"
+        )
+        return
+    import logging
+
+    from vaultsync.fuse.mount import run_mount
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_mount(cfg, mountpoint, _passphrase(cfg))
+
+
+@app.command()
+def umount(
+    mountpoint: Annotated[Path, typer.Argument(help="Where the volume is mounted.")],
+) -> None:
+    """Flush everything, unmount, and wait for the daemon to exit."""
+    from vaultsync.fuse.mount import unmount
+
+    unmount(mountpoint)
+    out.print(f"unmounted {mountpoint}")
+
+
+@app.command()
 def version() -> None:
     """Print the vaultsync version."""
     out.print(__version__)

@@ -1,0 +1,296 @@
+"""Mount lifecycle: lock, stale-mount cleanup, the FUSE loop, signals, daemon mode.
+
+One process owns a state directory at a time: `mount.lock` is held with
+flock() for the life of the mount (the kernel drops it when the process dies,
+so a kill -9 never leaves a lock that blocks the next mount). `mount.pid`
+names the owner for `umount` and `status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from vaultsync.config import Config
+from vaultsync.errors import VaultsyncError
+from vaultsync.filesystem import FileSystem
+from vaultsync.volume import Volume, has_volume
+
+log = logging.getLogger("vaultsync.mount")
+
+LOCK_FILE = "mount.lock"
+PID_FILE = "mount.pid"
+
+
+class MountError(VaultsyncError):
+    pass
+
+
+def _unescape(field: str) -> str:
+    return (
+        field.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
+
+
+def mounted_at(mountpoint: Path) -> str | None:
+    """The filesystem type mounted exactly at `mountpoint`, if any (from mountinfo)."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            parts = left.split()
+            if len(parts) > 4 and _unescape(parts[4]) == target:
+                found = right.split()[0]
+    return found
+
+
+def _fusermount() -> str:
+    for name in ("fusermount3", "fusermount"):
+        for d in [*os.environ.get("PATH", "/usr/bin:/bin").split(":"), "/usr/bin", "/bin"]:
+            p = os.path.join(d, name)
+            if os.access(p, os.X_OK):
+                return p
+    raise MountError("fusermount3 not found; install the fuse3 package (apt-get install fuse3)")
+
+
+def lazy_unmount(mountpoint: Path) -> None:
+    subprocess.run(
+        [_fusermount(), "-u", "-z", str(mountpoint)],
+        check=False,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def clean_stale_mount(mountpoint: Path) -> bool:
+    """A FUSE mount whose daemon died answers ENOTCONN: detach it. True if one was cleaned."""
+    if mounted_at(mountpoint) is None:
+        return False
+    try:
+        os.stat(mountpoint)
+        return False  # alive: someone serves it
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
+            raise
+    log.warning("cleaning up a stale mount at %s left by a dead process", mountpoint)
+    lazy_unmount(mountpoint)
+    return True
+
+
+def take_lock(state_dir: Path) -> IO[str]:
+    """Hold the state directory for this process, or say who holds it."""
+    f = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole mount
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        pid = read_pid(state_dir)
+        who = f" by process {pid}" if pid else ""
+        raise MountError(
+            f"the volume in {state_dir} is already mounted{who}; "
+            "unmount it first (vaultsync umount MOUNTPOINT)"
+        ) from None
+    return f
+
+
+def read_pid(state_dir: Path) -> int | None:
+    try:
+        text = (state_dir / PID_FILE).read_text().split()
+        return int(text[0]) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise MountError(f"mount point {mountpoint} does not exist; create it with mkdir")
+    if not mountpoint.is_dir():
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    if mounted_at(mountpoint) is not None:
+        raise MountError(
+            f"something is already mounted at {mountpoint}; unmount it or choose another directory"
+        )
+
+
+async def _serve(
+    cfg: Config, mountpoint: Path, passphrase: str | None, ready: asyncio.Event | None
+) -> None:
+    import pyfuse3
+    import pyfuse3.asyncio
+    from vaultsync.fuse.operations import Operations
+
+    pyfuse3.asyncio.enable()
+    v = cfg.volume
+    vol = await Volume.open(
+        v.state_dir, passphrase, segment_size=v.segment_size, segment_max_age=v.segment_max_age
+    )
+    fs = FileSystem(vol)
+    dropped = fs.drop_orphans()
+    if dropped:
+        log.info("dropped %d unlinked file(s) left open by a previous process", dropped)
+    ops = Operations(fs)
+    options = {
+        "fsname=vaultsync",
+        f"subtype=vaultsync.{v.name}",
+        "default_permissions",
+    }
+    if os.getuid() == 0:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, str(mountpoint), options)
+    except RuntimeError as e:
+        await vol.close()
+        raise MountError(f"cannot mount at {mountpoint}: {e}") from None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, pyfuse3.terminate)
+
+    async def housekeeping() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                await fs.flush_old()
+                await vol.maybe_seal()
+            except Exception:
+                log.exception("background flush failed")
+
+    keeper = asyncio.ensure_future(housekeeping())
+    log.info("volume %s mounted at %s", v.name, mountpoint)
+    if ready is not None:
+        ready.set()
+    unmounted = False
+    try:
+        await pyfuse3.main()
+        unmounted = True  # main() returns after the kernel unmounted us (umount/fusermount)
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        try:
+            await fs.flush_all()
+        finally:
+            pyfuse3.close(unmount=not unmounted)
+            await vol.close()
+        log.info("volume %s unmounted from %s; everything flushed", v.name, mountpoint)
+
+
+def run_mount(cfg: Config, mountpoint: Path, passphrase: str | None) -> None:
+    """Mount in the foreground until unmounted or signalled."""
+    state_dir = cfg.volume.state_dir
+    if not has_volume(state_dir):
+        raise MountError(f"{state_dir} holds no volume; run `vaultsync init CONFIG` first")
+    mountpoint = mountpoint.resolve()
+    lock = take_lock(state_dir)
+    try:
+        clean_stale_mount(mountpoint)
+        check_mountpoint(mountpoint)
+        (state_dir / PID_FILE).write_text(f"{os.getpid()}\n{mountpoint}\n")
+        try:
+            asyncio.run(_serve(cfg, mountpoint, passphrase, None))
+        finally:
+            with contextlib.suppress(OSError):
+                (state_dir / PID_FILE).unlink()
+    finally:
+        lock.close()
+
+
+def start_daemon(config_path: Path, mountpoint: Path, log_file: Path, timeout: float = 60) -> int:
+    """Start the mount as a background process; return its PID once the mount answers."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vaultsync", "mount", str(config_path), str(mountpoint)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
+            raise MountError(
+                f"the mount process exited with code {proc.returncode}: "
+                + (" | ".join(tail) or f"see {log_file}")
+            )
+        if mounted_at(mountpoint) is not None:
+            try:
+                os.stat(mountpoint)
+                return proc.pid
+            except OSError:
+                pass
+        time.sleep(0.05)
+    proc.terminate()
+    raise MountError(f"the mount did not come up within {timeout:.0f}s; see {log_file}")
+
+
+def _daemon_pids(mountpoint: Path) -> list[int]:
+    """Processes running `vaultsync mount ... MOUNTPOINT` (how umount finds whom to wait for)."""
+    me, want = os.getpid(), str(mountpoint)
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        if "mount" in args and any("vaultsync" in a for a in args[:3]):
+            tail = args[-1] if args else ""
+            with contextlib.suppress(OSError):
+                if os.path.realpath(tail) == want:
+                    out.append(int(entry.name))
+    return out
+
+
+def unmount(mountpoint: Path, timeout: float = 120) -> None:
+    """Flush, unmount, and wait for the daemon to finish and exit."""
+    import pyfuse3
+
+    mountpoint = mountpoint.resolve()
+    fstype = mounted_at(mountpoint)
+    if fstype is None:
+        raise MountError(f"nothing is mounted at {mountpoint}")
+    if not fstype.startswith("fuse.vaultsync"):
+        raise MountError(f"{mountpoint} is a {fstype} mount, not vaultsync; not touching it")
+    pids = _daemon_pids(mountpoint)
+    with contextlib.suppress(OSError):
+        pyfuse3.syncfs(str(mountpoint))  # the kernel's cached writes, to the daemon
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)  # the daemon's buffers, to the journal (fsyncdir on the root)
+        finally:
+            os.close(fd)
+    res = subprocess.run(
+        [_fusermount(), "-u", str(mountpoint)], capture_output=True, text=True, timeout=60
+    )
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "unknown error"
+        raise MountError(f"cannot unmount {mountpoint}: {msg}; close files open there and retry")
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise MountError(
+                f"unmounted, but the daemon (pid {pid}) is still flushing after {timeout:.0f}s"
+            )

@@ -1,0 +1,242 @@
+"""pyfuse3 glue: requests in, `FileSystem` calls, attributes and errnos out.
+
+Nothing here decides semantics; that is `vaultsync.filesystem`. File handles
+are the inode number: every open file of one inode shares one buffer, which is
+what makes reads see writes made through another descriptor.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from vaultsync.catalog import Inode
+from vaultsync.filesystem import FileSystem, FsError
+
+log = logging.getLogger("vaultsync.fuse")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# The daemon is the only writer, so the kernel may cache what we told it.
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1.0
+
+
+def _errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """FsError becomes its errno; anything else is a bug, logged, and EIO for the caller."""
+
+    @wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):  # type: ignore[misc]
+    enable_writeback_cache = True
+    supports_dot_lookup = True
+
+    def __init__(self, fs: FileSystem) -> None:
+        super().__init__()
+        self.fs = fs
+
+    def attrs(self, i: Inode) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = i.ino
+        e.generation = 0
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = i.mode
+        e.st_nlink = i.nlink
+        e.st_uid = i.uid
+        e.st_gid = i.gid
+        e.st_rdev = i.rdev
+        e.st_size = i.size
+        e.st_blksize = 4096
+        e.st_blocks = (i.size + 511) // 512
+        e.st_atime_ns = i.atime_ns
+        e.st_mtime_ns = i.mtime_ns
+        e.st_ctime_ns = i.ctime_ns
+        return e
+
+    # -- names ------------------------------------------------------------------------
+    @_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        return self.attrs(self.fs.lookup(parent_inode, name))
+
+    @_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self.attrs(self.fs.getattr(inode))
+
+    @_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        now = None
+        i = await self.fs.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else now,
+        )
+        return self.attrs(i)
+
+    @_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return self.fs.readlink(inode)
+
+    @_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        return self.attrs(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        return self.attrs(self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.fs.unlink(parent_inode, name)
+
+    @_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.fs.rmdir(parent_inode, name)
+
+    @_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        return self.attrs(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        return self.attrs(self.fs.link(inode, new_parent_inode, new_name))
+
+    # -- files ----------------------------------------------------------------------------
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        self.fs.open(inode)
+        if flags & os.O_TRUNC and self.fs.getattr(inode).size:
+            await self.fs.setattr(inode, size=0)
+        return pyfuse3.FileInfo(fh=inode)
+
+    @_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        i = self.fs.mknod(parent_inode, name, stat.S_IFREG | (mode & 0o7777), 0, ctx.uid, ctx.gid)
+        self.fs.open(i.ino)
+        return pyfuse3.FileInfo(fh=i.ino), self.attrs(i)
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        data = await self.fs.read(fh, off, size)
+        self.fs.touch_atime(fh)
+        return data
+
+    @_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, buf)
+
+    @_errors
+    async def flush(self, fh: int) -> None:
+        await self.fs.flush(fh)
+
+    @_errors
+    async def release(self, fh: int) -> None:
+        await self.fs.release(fh)
+
+    @_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    # -- directories ------------------------------------------------------------------------
+    @_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        i = self.fs.getattr(inode)
+        if not stat.S_ISDIR(i.mode):
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    @_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        offset = start_id
+        while True:
+            entries = self.fs.readdir(fh, offset)
+            if not entries:
+                return
+            for name, i, next_off in entries:
+                if not pyfuse3.readdir_reply(token, name, self.attrs(i), next_off):
+                    return
+                offset = next_off
+
+    @_errors
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if fh == pyfuse3.ROOT_INODE:
+            await self.fs.flush_all()  # `vaultsync umount` uses this to drain the buffers
+        else:
+            await self.fs.vol.sync()
+
+    # -- the rest --------------------------------------------------------------------------
+    @_errors
+    async def statfs(self, ctx: Any) -> Any:
+        s = self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s["bsize"]
+        out.f_frsize = s["frsize"]
+        out.f_blocks = s["blocks"]
+        out.f_bfree = s["bfree"]
+        out.f_bavail = s["bavail"]
+        out.f_files = s["files"]
+        out.f_ffree = s["ffree"]
+        out.f_favail = s["favail"]
+        out.f_namemax = s["namemax"]
+        return out
+
+    @_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self.fs.setxattr(inode, name, value)
+
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return self.fs.listxattr(inode)
+
+    @_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self.fs.removexattr(inode, name)
+
+    async def forget(self, inode_list: Any) -> None:
+        return None

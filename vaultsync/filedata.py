@@ -1,0 +1,98 @@
+"""One open file's unflushed writes: dirty blocks, blocks being flushed, size and times.
+
+Pure bookkeeping, no I/O: `filesystem.py` loads the stored base of a block
+before its first partial write (read-modify-write) and commits on flush.
+
+A block lives in at most one of `blocks` (dirty, written since the last flush
+began) and the newest `inflight` snapshot (handed to a flush that has not
+committed yet); reads look in `blocks`, then `inflight`, then the catalog, so
+a flush in progress never makes data disappear.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class FileData:
+    def __init__(self, block_size: int, size: int) -> None:
+        self.block_size = block_size
+        self.size = size  # logical size including unflushed writes
+        self.stored_size = size  # size as the catalog has it
+        self.blocks: dict[int, bytearray] = {}
+        self.inflight: dict[int, bytes] = {}
+        self.mtime_ns = 0  # 0: unchanged since the catalog's value
+        self.ctime_ns = 0
+        self.dirty_since = 0.0
+        self.size_dirty = False
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.blocks) or self.size_dirty
+
+    @property
+    def dirty_bytes(self) -> int:
+        return sum(len(b) for b in self.blocks.values())
+
+    def has_dirty(self, blockno: int) -> bool:
+        return blockno in self.blocks
+
+    def peek(self, blockno: int) -> bytes | None:
+        b = self.blocks.get(blockno)
+        if b is not None:
+            return bytes(b)
+        return self.inflight.get(blockno)
+
+    def start_block(self, blockno: int, base: bytes) -> int:
+        """Begin dirtying a block from its current content; returns bytes added."""
+        self.blocks[blockno] = bytearray(base)
+        if not self.dirty_since:
+            self.dirty_since = time.monotonic()
+        return len(base)
+
+    def patch(self, blockno: int, offset: int, data: memoryview) -> int:
+        """Write into a dirty block (zero-filling a gap); returns bytes the block grew."""
+        buf = self.blocks[blockno]
+        before = len(buf)
+        if offset > before:
+            buf.extend(bytes(offset - before))
+        buf[offset : offset + len(data)] = data
+        return len(buf) - before
+
+    def extend_to(self, end: int, now_ns: int) -> None:
+        if end > self.size:
+            self.size = end
+        self.size_dirty = True
+        self.mtime_ns = self.ctime_ns = now_ns
+        if not self.dirty_since:
+            self.dirty_since = time.monotonic()
+
+    def take_dirty(self) -> dict[int, bytes]:
+        """Snapshot the dirty blocks for a flush; they stay readable as in flight."""
+        snap = {b: bytes(buf) for b, buf in self.blocks.items()}
+        self.blocks = {}
+        self.inflight.update(snap)
+        self.size_dirty = False
+        self.dirty_since = 0.0
+        return snap
+
+    def done_flushing(self, snap: dict[int, bytes]) -> None:
+        for b, data in snap.items():
+            if self.inflight.get(b) is data:
+                del self.inflight[b]
+
+    def truncated(self, size: int, now_ns: int) -> None:
+        """The catalog was just truncated to `size` (after a flush): drop what lies beyond."""
+        bs = self.block_size
+        for table in (self.blocks, self.inflight):
+            for b in [b for b in table if b * bs >= size]:
+                del table[b]
+        last = size // bs
+        for table2 in (self.blocks,):
+            buf = table2.get(last)
+            if buf is not None and len(buf) > size % bs:
+                del buf[size % bs :]
+        if last in self.inflight and len(self.inflight[last]) > size % bs:
+            self.inflight[last] = self.inflight[last][: size % bs]
+        self.size = self.stored_size = size
+        self.mtime_ns = self.ctime_ns = now_ns

@@ -1,0 +1,679 @@
+"""POSIX semantics over the volume: what the FUSE adapter asks, answered with errnos.
+
+This module knows nothing of pyfuse3; `fuse/operations.py` translates. Every
+namespace change is one transaction, committed at once (not durable until an
+fsync); file contents go through `filedata.FileData` buffers and are committed
+on flush, fsync, a timer, or memory pressure.
+
+Invariants kept here:
+
+- Every inode in the catalog with nlink > 0 is named by at least one entry;
+  an inode with nlink == 0 exists only while it is open (`_open`), and is
+  dropped at its last release, or at the next mount if the process died.
+- A directory's nlink is 2 plus its number of subdirectories.
+- Catalog attributes plus the dirty overlay in `FileData` are the truth for
+  getattr: size and times of a file with unflushed writes live in its buffer.
+- Inode numbers are never reused (`_next_ino` only grows), so a kernel holding
+  a stale inode number can never reach a different file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+import time
+from collections import OrderedDict
+from dataclasses import replace
+
+from vaultsync.catalog import Inode
+from vaultsync.filedata import FileData
+from vaultsync.txn import (
+    DropDirent,
+    DropInode,
+    Op,
+    SetBlocks,
+    SetDirent,
+    SetInode,
+    SetXattr,
+    TruncateBlocks,
+)
+from vaultsync.volume import ROOT_INO, Volume
+
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+# Linux's "." and ".." readdir offsets; entries follow at their dirent id + 2.
+DOT_OFFSETS = 2
+
+
+class FsError(Exception):
+    """An operation refused with a POSIX errno."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+def _set_inode(i: Inode) -> SetInode:
+    return SetInode(
+        ino=i.ino,
+        mode=i.mode,
+        uid=i.uid,
+        gid=i.gid,
+        size=i.size,
+        nlink=i.nlink,
+        rdev=i.rdev,
+        atime_ns=i.atime_ns,
+        mtime_ns=i.mtime_ns,
+        ctime_ns=i.ctime_ns,
+        target=i.target,
+    )
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or name in (b".", b".."):
+        raise FsError(errno.EINVAL)
+
+
+class ChunkCache:
+    """Bounded LRU of decoded chunks, by id: reads of hot blocks skip decompression."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._d: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, cid: bytes) -> bytes | None:
+        v = self._d.get(cid)
+        if v is not None:
+            self._d.move_to_end(cid)
+        return v
+
+    def put(self, cid: bytes, data: bytes) -> None:
+        if len(data) > self.limit // 4 or cid in self._d:
+            return
+        self._d[cid] = data
+        self.size += len(data)
+        while self.size > self.limit:
+            _, old = self._d.popitem(last=False)
+            self.size -= len(old)
+
+
+class FileSystem:
+    def __init__(
+        self,
+        vol: Volume,
+        *,
+        dirty_limit: int = 128 << 20,
+        cache_limit: int = 64 << 20,
+        flush_after: float = 1.0,
+    ) -> None:
+        self.vol = vol
+        self.cat = vol.catalog
+        self.block_size = vol.header.chunk_size
+        self.dirty_limit = dirty_limit
+        self.flush_after = flush_after
+        self.cache = ChunkCache(cache_limit)
+        self.files: dict[int, FileData] = {}
+        self.dirty_bytes = 0
+        self._open: dict[int, int] = {}  # ino -> open handles
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._next_ino = max(self.cat.max_ino(), ROOT_INO) + 1
+
+    # -- startup -----------------------------------------------------------------
+    def drop_orphans(self) -> int:
+        """Inodes unlinked while open when the last process died: nobody can reach them now."""
+        orphans = self.cat.orphans()
+        if orphans:
+            self.vol.commit_nowait([DropInode(ino) for ino in orphans])
+        return len(orphans)
+
+    # -- attributes -----------------------------------------------------------------
+    def _inode(self, ino: int) -> Inode:
+        i = self.cat.inode(ino)
+        if i is None:
+            raise FsError(errno.ENOENT)
+        return i
+
+    def getattr(self, ino: int) -> Inode:
+        i = self._inode(ino)
+        fd = self.files.get(ino)
+        if fd is not None:
+            i = replace(
+                i,
+                size=fd.size,
+                mtime_ns=fd.mtime_ns or i.mtime_ns,
+                ctime_ns=max(fd.ctime_ns, i.ctime_ns),
+            )
+        return i
+
+    def _dir(self, ino: int) -> Inode:
+        i = self._inode(ino)
+        if not stat.S_ISDIR(i.mode):
+            raise FsError(errno.ENOTDIR)
+        return i
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        if name == b".":
+            return self.getattr(parent)
+        if name == b"..":
+            return self.getattr(self.cat.parent_of(parent) or ROOT_INO)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        ino = self.cat.lookup(parent, name)
+        if ino is None:
+            self._dir(parent)
+            raise FsError(errno.ENOENT)
+        return self.getattr(ino)
+
+    # -- creating -------------------------------------------------------------------
+    def _new_entry(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Inode:
+        _check_name(name)
+        p = self._dir(parent)
+        if self.cat.lookup(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        now = time.time_ns()
+        if p.mode & stat.S_ISGID:
+            gid = p.gid  # BSD group semantics in a setgid directory, as on Linux
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        is_dir = stat.S_ISDIR(mode)
+        ino = self._next_ino
+        self._next_ino += 1
+        node = Inode(
+            ino=ino,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            size=len(target) if target is not None else 0,
+            nlink=2 if is_dir else 1,
+            rdev=rdev,
+            atime_ns=now,
+            mtime_ns=now,
+            ctime_ns=now,
+            target=target,
+        )
+        p = replace(p, mtime_ns=now, ctime_ns=now, nlink=p.nlink + (1 if is_dir else 0))
+        self.vol.commit_nowait([_set_inode(node), SetDirent(parent, name, ino), _set_inode(p)])
+        return node
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise FsError(errno.EINVAL)
+        return self._new_entry(parent, name, mode, uid, gid, rdev=rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        return self._new_entry(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        if len(target) > 4095:
+            raise FsError(errno.ENAMETOOLONG)
+        return self._new_entry(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        i = self._inode(ino)
+        if not stat.S_ISLNK(i.mode) or i.target is None:
+            raise FsError(errno.EINVAL)
+        return i.target
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        _check_name(name)
+        i = self._inode(ino)
+        if stat.S_ISDIR(i.mode):
+            raise FsError(errno.EPERM)
+        p = self._dir(parent)
+        if self.cat.lookup(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        if i.nlink == 0:
+            raise FsError(errno.ENOENT)
+        now = time.time_ns()
+        i = replace(self.getattr(ino), nlink=i.nlink + 1, ctime_ns=now)
+        p = replace(p, mtime_ns=now, ctime_ns=now)
+        self.vol.commit_nowait([SetDirent(parent, name, ino), _set_inode(i), _set_inode(p)])
+        return i
+
+    # -- removing -------------------------------------------------------------------
+    def _unlinked(self, i: Inode, now: int) -> list[Op]:
+        """Ops for an inode that just lost one name."""
+        if stat.S_ISDIR(i.mode):
+            return [DropInode(i.ino)]
+        n = i.nlink - 1
+        if n <= 0 and self._open.get(i.ino, 0) == 0:
+            self._forget_data(i.ino)
+            return [DropInode(i.ino)]
+        return [_set_inode(replace(self.getattr(i.ino), nlink=max(n, 0), ctime_ns=now))]
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        p = self._dir(parent)
+        ino = self.cat.lookup(parent, name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        i = self._inode(ino)
+        if stat.S_ISDIR(i.mode):
+            raise FsError(errno.EISDIR)
+        now = time.time_ns()
+        p = replace(p, mtime_ns=now, ctime_ns=now)
+        self.vol.commit_nowait([DropDirent(parent, name), *self._unlinked(i, now), _set_inode(p)])
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY)
+        p = self._dir(parent)
+        ino = self.cat.lookup(parent, name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        i = self._inode(ino)
+        if not stat.S_ISDIR(i.mode):
+            raise FsError(errno.ENOTDIR)
+        if self.cat.has_children(ino):
+            raise FsError(errno.ENOTEMPTY)
+        now = time.time_ns()
+        p = replace(p, mtime_ns=now, ctime_ns=now, nlink=p.nlink - 1)
+        self.vol.commit_nowait([DropDirent(parent, name), DropInode(ino), _set_inode(p)])
+
+    def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        """Is `ancestor` the directory `ino` or above it?"""
+        seen = 0
+        while True:
+            if ino == ancestor:
+                return True
+            if ino == ROOT_INO or seen > 10000:
+                return False
+            parent = self.cat.parent_of(ino)
+            if parent is None:
+                return False
+            ino, seen = parent, seen + 1
+
+    def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
+            raise FsError(errno.EINVAL)
+        _check_name(n2)
+        d1, d2 = self._dir(p1), self._dir(p2)
+        src_ino = self.cat.lookup(p1, n1)
+        if src_ino is None:
+            raise FsError(errno.ENOENT)
+        src = self._inode(src_ino)
+        dst_ino = self.cat.lookup(p2, n2)
+        dst = self._inode(dst_ino) if dst_ino is not None else None
+        src_dir = stat.S_ISDIR(src.mode)
+        if src_dir and self._is_ancestor(src_ino, p2):
+            raise FsError(errno.EINVAL)
+        now = time.time_ns()
+        ops: list[Op] = []
+        nlink_delta = {p1: 0, p2: 0}  # subdirectory moves change the parents' link counts
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FsError(errno.ENOENT)
+            dst_dir = stat.S_ISDIR(dst.mode)
+            if dst_dir and self._is_ancestor(dst.ino, p1):
+                raise FsError(errno.EINVAL)
+            if src_ino == dst.ino:
+                return
+            ops += [SetDirent(p1, n1, dst.ino), SetDirent(p2, n2, src_ino)]
+            if p1 != p2:
+                nlink_delta[p1] += int(dst_dir) - int(src_dir)
+                nlink_delta[p2] += int(src_dir) - int(dst_dir)
+            ops += [
+                _set_inode(replace(self.getattr(src_ino), ctime_ns=now)),
+                _set_inode(replace(self.getattr(dst.ino), ctime_ns=now)),
+            ]
+        else:
+            if dst is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise FsError(errno.EEXIST)
+                if dst.ino == src_ino:
+                    return  # two names of one inode: POSIX says do nothing
+                dst_dir = stat.S_ISDIR(dst.mode)
+                if src_dir and not dst_dir:
+                    raise FsError(errno.ENOTDIR)
+                if dst_dir and not src_dir:
+                    raise FsError(errno.EISDIR)
+                if dst_dir and self.cat.has_children(dst.ino):
+                    raise FsError(errno.ENOTEMPTY)
+                ops += self._unlinked(dst, now)
+                if dst_dir:
+                    nlink_delta[p2] -= 1
+            ops += [DropDirent(p1, n1), SetDirent(p2, n2, src_ino)]
+            if src_dir:
+                nlink_delta[p1] -= 1
+                nlink_delta[p2] += 1
+            ops.append(_set_inode(replace(self.getattr(src_ino), ctime_ns=now)))
+        del d1, d2
+        for pino, delta in nlink_delta.items():
+            d = self._inode(pino)
+            ops.append(_set_inode(replace(d, nlink=d.nlink + delta, mtime_ns=now, ctime_ns=now)))
+        self.vol.commit_nowait(ops)
+
+    # -- directories ----------------------------------------------------------------
+    def readdir(self, ino: int, offset: int, limit: int = 256) -> list[tuple[bytes, Inode, int]]:
+        """Entries after `offset`, each with the offset to resume after it."""
+        d = self._dir(ino)
+        out: list[tuple[bytes, Inode, int]] = []
+        if offset < 1:
+            out.append((b".", d, 1))
+        if offset < 2:
+            parent = self.cat.parent_of(ino) if ino != ROOT_INO else ROOT_INO
+            out.append((b"..", self.getattr(parent or ROOT_INO), 2))
+        for e in self.cat.listdir(ino, max(0, offset - DOT_OFFSETS), limit):
+            try:
+                out.append((e.name, self.getattr(e.ino), e.id + DOT_OFFSETS))
+            except FsError:
+                continue
+        return out
+
+    # -- attributes changes ------------------------------------------------------------
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Inode:
+        now = time.time_ns()
+        if size is not None:
+            i = self._inode(ino)
+            if stat.S_ISDIR(i.mode):
+                raise FsError(errno.EISDIR)
+            if not stat.S_ISREG(i.mode):
+                raise FsError(errno.EINVAL)
+            await self._truncate(ino, size, now)
+        i = self.getattr(ino)
+        changed = size is not None
+        if mode is not None:
+            i = replace(i, mode=stat.S_IFMT(i.mode) | (mode & 0o7777))
+            changed = True
+        if uid is not None or gid is not None:
+            i = replace(i, uid=i.uid if uid is None else uid, gid=i.gid if gid is None else gid)
+            changed = True
+        if atime_ns is not None:
+            i = replace(i, atime_ns=atime_ns)
+            changed = True
+        if mtime_ns is not None:
+            i = replace(i, mtime_ns=mtime_ns)
+            fd = self.files.get(ino)
+            if fd is not None:
+                fd.mtime_ns = mtime_ns
+            changed = True
+        if changed:
+            i = replace(i, ctime_ns=ctime_ns if ctime_ns is not None else now)
+            self.vol.commit_nowait([_set_inode(i)])
+        return i
+
+    # -- extended attributes -------------------------------------------------------------
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self._inode(ino)
+        v = self.cat.xattr(ino, name)
+        if v is None:
+            raise FsError(errno.ENODATA)
+        return v
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self._inode(ino)
+        return sorted(self.cat.xattrs(ino))
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if not name or len(name) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        i = self._inode(ino)
+        exists = self.cat.xattr(ino, name) is not None
+        if flags & XATTR_CREATE and exists:
+            raise FsError(errno.EEXIST)
+        if flags & XATTR_REPLACE and not exists:
+            raise FsError(errno.ENODATA)
+        i = replace(self.getattr(ino), ctime_ns=time.time_ns())
+        self.vol.commit_nowait([SetXattr(ino, name, value), _set_inode(i)])
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._inode(ino)
+        if self.cat.xattr(ino, name) is None:
+            raise FsError(errno.ENODATA)
+        i = replace(self.getattr(ino), ctime_ns=time.time_ns())
+        self.vol.commit_nowait([SetXattr(ino, name, None), _set_inode(i)])
+
+    # -- statfs ----------------------------------------------------------------------
+    def statfs(self) -> dict[str, int]:
+        """Space as the local disk under the state directory sees it; inodes unlimited-ish."""
+        st = os.statvfs(self.vol.state_dir)
+        _used_bytes, inodes = self.cat.usage()
+        total_inodes = max(inodes * 2, 1 << 24)
+        return {
+            "bsize": self.block_size,
+            "frsize": 4096,
+            "blocks": st.f_blocks * st.f_frsize // 4096,
+            "bfree": st.f_bfree * st.f_frsize // 4096,
+            "bavail": st.f_bavail * st.f_frsize // 4096,
+            "files": total_inodes,
+            "ffree": total_inodes - inodes,
+            "favail": total_inodes - inodes,
+            "namemax": NAME_MAX,
+        }
+
+    # -- open files --------------------------------------------------------------------
+    def open(self, ino: int, truncate: bool = False) -> Inode:
+        i = self._inode(ino)
+        if stat.S_ISDIR(i.mode):
+            raise FsError(errno.EISDIR)
+        self._open[ino] = self._open.get(ino, 0) + 1
+        return i
+
+    async def release(self, ino: int) -> None:
+        n = self._open.get(ino, 0) - 1
+        if n > 0:
+            self._open[ino] = n
+            return
+        self._open.pop(ino, None)
+        i = self.cat.inode(ino)
+        if i is not None and i.nlink == 0:
+            self._forget_data(ino)
+            self.vol.commit_nowait([DropInode(ino)])
+        else:
+            await self.flush(ino)
+
+    # -- file contents ------------------------------------------------------------------
+    def _lock(self, ino: int) -> asyncio.Lock:
+        lk = self._locks.get(ino)
+        if lk is None:
+            lk = self._locks[ino] = asyncio.Lock()
+        return lk
+
+    def _data(self, ino: int) -> FileData:
+        fd = self.files.get(ino)
+        if fd is None:
+            i = self._inode(ino)
+            fd = self.files[ino] = FileData(self.block_size, i.size)
+        return fd
+
+    def _forget_data(self, ino: int) -> None:
+        fd = self.files.pop(ino, None)
+        if fd is not None:
+            self.dirty_bytes -= fd.dirty_bytes
+        self._locks.pop(ino, None)
+
+    async def _stored_block(self, ino: int, blockno: int) -> bytes:
+        ref = self.cat.block(ino, blockno)
+        if ref is None:
+            return b""
+        cid, length = ref
+        data = self.cache.get(cid)
+        if data is None:
+            data = await self.vol.read_chunk(cid)
+            self.cache.put(cid, data)
+        return data[:length]
+
+    async def _block(self, ino: int, blockno: int) -> bytes:
+        """Current content of one block (dirty, in flight, or stored); may be short."""
+        fd = self.files.get(ino)
+        if fd is not None:
+            b = fd.peek(blockno)
+            if b is not None:
+                return b
+        return await self._stored_block(ino, blockno)
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        i = self.getattr(ino)
+        if not stat.S_ISREG(i.mode):
+            raise FsError(errno.EINVAL if not stat.S_ISDIR(i.mode) else errno.EISDIR)
+        end = min(i.size, offset + size)
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        parts = []
+        pos = offset
+        while pos < end:
+            b, inner = divmod(pos, bs)
+            take = min(bs - inner, end - pos)
+            data = await self._block(ino, b)
+            piece = data[inner : inner + take]
+            if len(piece) < take:
+                piece = piece + bytes(take - len(piece))
+            parts.append(piece)
+            pos += take
+        # The file may have been truncated while we awaited a chunk: never return stale tail.
+        size_now = self.getattr(ino).size if ino in self.files or self.cat.inode(ino) else 0
+        out = b"".join(parts)
+        if offset + len(out) > size_now:
+            out = out[: max(0, size_now - offset)]
+        return out
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        fd = self._data(ino)
+        bs = self.block_size
+        pos, view = offset, memoryview(data)
+        while view:
+            b, inner = divmod(pos, bs)
+            take = min(bs - inner, len(view))
+            if not fd.has_dirty(b):
+                covers_all = inner == 0 and take == bs
+                base = b"" if covers_all or b * bs >= fd.stored_size else await self._block(ino, b)
+                fd = self._data(ino)  # it may have been flushed and dropped meanwhile
+                if not fd.has_dirty(b):
+                    self.dirty_bytes += fd.start_block(b, base)
+            self.dirty_bytes += fd.patch(b, inner, view[:take])
+            pos += take
+            view = view[take:]
+        now = time.time_ns()
+        fd.extend_to(offset + len(data), now)
+        if self.dirty_bytes > self.dirty_limit:
+            await self.flush_some()
+        return len(data)
+
+    async def flush(self, ino: int) -> None:
+        """Commit the file's dirty blocks and size (not durable: see fsync)."""
+        fd = self.files.get(ino)
+        if fd is None or not fd.dirty:
+            return
+        async with self._lock(ino):
+            fd = self.files.get(ino)
+            if fd is None or not fd.dirty:
+                return
+            snap = fd.take_dirty()
+            self.dirty_bytes -= sum(len(v) for v in snap.values())
+            try:
+                prepared = await self.vol.prepare_chunks(list(snap.values()))
+                i = self.cat.inode(ino)
+                if i is None:
+                    return  # unlinked and released meanwhile
+                blocks = tuple(
+                    (b, p.id.hex(), p.length) for b, p in zip(snap, prepared, strict=True)
+                )
+                i = replace(
+                    i,
+                    size=fd.size,
+                    mtime_ns=fd.mtime_ns or i.mtime_ns,
+                    ctime_ns=max(fd.ctime_ns, i.ctime_ns),
+                )
+                self.vol.commit_nowait([SetBlocks(ino, blocks), _set_inode(i)], prepared)
+                fd.stored_size = fd.size
+            finally:
+                fd.done_flushing(snap)
+                if not fd.dirty and not fd.inflight and self._open.get(ino, 0) == 0:
+                    self.files.pop(ino, None)
+
+    async def _truncate(self, ino: int, size: int, now: int) -> None:
+        await self.flush(ino)
+        async with self._lock(ino):
+            i = self._inode(ino)
+            bs = self.block_size
+            ops: list[Op] = []
+            keep_blocks = -(-size // bs)
+            if size < i.size:
+                ops.append(TruncateBlocks(ino, keep_blocks))
+                tail = size % bs
+                prepared = []
+                if tail:
+                    last = await self._stored_block(ino, size // bs)
+                    if len(last) > tail:
+                        prepared = await self.vol.prepare_chunks([last[:tail]])
+                        ops.append(SetBlocks(ino, ((size // bs, prepared[0].id.hex(), tail),)))
+            else:
+                prepared = []
+            i = self._inode(ino)
+            ops.append(_set_inode(replace(i, size=size, mtime_ns=now, ctime_ns=now)))
+            self.vol.commit_nowait(ops, prepared)
+            fd = self.files.get(ino)
+            if fd is not None:
+                fd.truncated(size, now)
+
+    async def fsync(self, ino: int) -> None:
+        await self.flush(ino)
+        await self.vol.sync()
+
+    async def flush_some(self) -> None:
+        """Under memory pressure: flush the files holding the most dirty bytes first."""
+        for ino in sorted(self.files, key=lambda k: -self.files[k].dirty_bytes):
+            if self.dirty_bytes <= self.dirty_limit // 2:
+                break
+            await self.flush(ino)
+
+    async def flush_old(self) -> None:
+        """Timer: commit buffers older than `flush_after` so a crash loses little."""
+        cutoff = time.monotonic() - self.flush_after
+        for ino in [k for k, f in self.files.items() if f.dirty and f.dirty_since <= cutoff]:
+            await self.flush(ino)
+
+    async def flush_all(self) -> None:
+        for ino in list(self.files):
+            await self.flush(ino)
+        await self.vol.sync()
+
+    def touch_atime(self, ino: int) -> None:
+        """relatime: update atime on read only when it is older than mtime/ctime or a day."""
+        i = self.cat.inode(ino)
+        if i is None:
+            return
+        now = time.time_ns()
+        if i.atime_ns <= i.mtime_ns or i.atime_ns <= i.ctime_ns or now - i.atime_ns > 86400e9:
+            self.vol.commit_nowait([_set_inode(replace(self.getattr(ino), atime_ns=now))])
