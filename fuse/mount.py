@@ -258,6 +258,15 @@ def _daemon_pids(mountpoint: Path) -> list[int]:
     return out
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a daemon whose parent has not reaped it has finished)."""
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return st.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def unmount(mountpoint: Path, timeout: float = 120) -> None:
     """Flush, unmount, and wait for the daemon to finish and exit."""
     import pyfuse3
@@ -285,9 +294,7 @@ def unmount(mountpoint: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     for pid in pids:
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _running(pid):
                 break
             time.sleep(0.05)
         else:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mounting import Mount
 from vaultsync.config import TargetConfig
 from vaultsync.providers import LocalProvider, start_rclone, start_seaweedfs
 
@@ -94,3 +95,14 @@ def make_target() -> Callable[..., TargetConfig]:
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Mount]:
+    """A fresh volume mounted at `mounted.mountpoint` by a real daemon; unmounted after."""
+    m = Mount.create(tmp_path / "vol")
+    m.start()
+    try:
+        yield m
+    finally:
+        m.cleanup()
