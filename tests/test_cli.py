@@ -208,6 +208,9 @@ def test_demo_once_starts_providers_and_creates_the_volume(tmp_path: Path) -> No
     assert res.returncode == 0, res.stderr
     assert "seaweedfs: header created" in " ".join(res.stdout.split())
     assert "rclone: header created" in " ".join(res.stdout.split())
+    assert "volume mounted at" in res.stdout and "unmounting" in res.stdout
+    assert (tmp_path / "demo" / "mnt").is_dir()
+    assert "vaultsync" not in Path("/proc/mounts").read_text().split(str(tmp_path))[-1][:200]
     # The providers it started are gone: their PIDs were stopped, not left behind.
     pids = {int(m) for m in re.findall(r"\(pid (\d+)\)", res.stdout)}
     assert len(pids) == 2

@@ -19,6 +19,8 @@ from types import FrameType
 from rich.console import Console
 
 from vaultsync.config import load_config
+from vaultsync.errors import VaultsyncError
+from vaultsync.fuse.mount import clean_stale_mount, start_daemon, unmount
 from vaultsync.providers import LocalProvider, start_rclone, start_seaweedfs
 from vaultsync.status import gather_status
 from vaultsync.targets import init_volume
@@ -60,6 +62,8 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     providers: dict[str, LocalProvider] = {}
     stop = threading.Event()
+    mounted = False
+    mountpoint = directory / "mnt"
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -82,16 +86,25 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
         )
         from vaultsync.cli import print_status
 
+        mountpoint = directory / "mnt"
+        mountpoint.mkdir(exist_ok=True)
+        clean_stale_mount(mountpoint)
+        pid = start_daemon(config_path, mountpoint, directory / "mount.log")
+        mounted = True
+        console.print(f"volume mounted at [bold]{mountpoint}[/] (daemon pid {pid})")
+        hello = mountpoint / "README.txt"
+        if not hello.exists():
+            hello.write_text("Files written here are journaled and shipped to both providers.\n")
         print_status(asyncio.run(gather_status(cfg)))
         console.print(
             f"\nconfig: {config_path}\n"
-            f"try:    vaultsync status {config_path}\n"
-            "(the FUSE mount and the restore API join this demo as they land)"
+            f"try:    ls {mountpoint}; vaultsync status {config_path}\n"
+            "(the restore API joins this demo when it lands)"
         )
         if once:
             return
         old = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
-        console.print("\nproviders running; press Ctrl-C to stop them")
+        console.print("\nmounted and providers running; press Ctrl-C to unmount and stop")
         try:
             while not stop.wait(1.0):
                 for name, p in providers.items():
@@ -102,6 +115,12 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
             signal.signal(signal.SIGINT, old[0])
             signal.signal(signal.SIGTERM, old[1])
     finally:
+        if mounted:
+            console.print(f"unmounting {mountpoint}")
+            try:
+                unmount(mountpoint)
+            except VaultsyncError as e:
+                console.print(f"[red]{e}[/]")
         for name, p in providers.items():
             console.print(f"stopping {name} (pid {p.pid})")
             with contextlib.suppress(Exception):
