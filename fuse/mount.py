@@ -138,6 +138,15 @@ async def _serve(
     vol = await Volume.open(
         v.state_dir, passphrase, segment_size=v.segment_size, segment_max_age=v.segment_max_age
     )
+    from vaultsync.replication.replicator import Replicator
+
+    repl = Replicator(cfg, vol)
+    try:
+        await repl.start()
+    except BaseException:
+        await repl.stop()
+        await vol.close()
+        raise
     fs = FileSystem(vol)
     dropped = fs.drop_orphans()
     if dropped:
@@ -153,6 +162,7 @@ async def _serve(
     try:
         pyfuse3.init(ops, str(mountpoint), options)
     except RuntimeError as e:
+        await repl.stop()
         await vol.close()
         raise MountError(f"cannot mount at {mountpoint}: {e}") from None
     loop = asyncio.get_running_loop()
@@ -182,8 +192,11 @@ async def _serve(
             await keeper
         try:
             await fs.flush_all()
+            await vol.maybe_seal(force=True)
+            await repl.drain()
         finally:
             pyfuse3.close(unmount=not unmounted)
+            await repl.stop()
             await vol.close()
         log.info("volume %s unmounted from %s; everything flushed", v.name, mountpoint)
 

@@ -150,7 +150,8 @@ class TargetConfig(_Strict):
 class VolumeConfig(_Strict):
     name: str = Field(pattern=NAME_RE)
     state_dir: Path
-    chunk_size: Size = 1024 * 1024
+    # Small blocks keep a 4 KiB write + fsync cheap: a partial write rewrites one block.
+    chunk_size: Size = 64 * 1024
     compression_level: int = Field(default=3, ge=0, le=22)
     encryption: bool = False
     # Where the passphrase of an encrypted volume comes from (never the config itself).
@@ -177,6 +178,12 @@ class VolumeConfig(_Strict):
 class ReplicationConfig(_Strict):
     # How many sync targets must hold a write before fsync returns; None = all.
     quorum: int | None = Field(default=None, ge=1)
+    # How long fsync waits for a sync target with on_failure = "block" before EIO.
+    block_timeout: float = Field(default=60.0, gt=0, le=3600)
+    # Make close() wait for the sync targets too, as fsync does.
+    sync_on_close: bool = False
+    # How often each target is probed by the health monitor.
+    probe_interval: float = Field(default=5.0, gt=0, le=600)
 
 
 class Config(_Strict):

@@ -45,7 +45,7 @@ def _write_config(directory: Path, providers: dict[str, LocalProvider]) -> Path:
     modes = {"seaweedfs": "sync", "rclone": "async"}
     parts = [
         "# Written by `vaultsync demo`; endpoints change on every run.\n",
-        '[volume]\nname = "demo"\nstate_dir = "volume"\nchunk_size = "1MiB"\n',
+        '[volume]\nname = "demo"\nstate_dir = "volume"\nchunk_size = "64KiB"\n',
     ]
     for name, p in providers.items():
         parts.append(

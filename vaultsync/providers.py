@@ -230,6 +230,7 @@ def start_seaweedfs(
             "-s3",
             f"-s3.port={s3}",
             "-s3.port.iceberg=0",
+            "-s3.port.lance=0",  # fixed default ports would clash between instances
             f"-s3.config={s3_config}",
         ]
         log = data_dir / "weed.log"

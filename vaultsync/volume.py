@@ -31,7 +31,7 @@ import contextlib
 import os
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -99,6 +99,14 @@ class Volume:
         self._unnoted: list[tuple[int, int | None, int, int]] = []  # sealed, not yet synced
         self._background: set[asyncio.Future[None]] = set()
         self._failed: VolumeError | None = None
+        # Where the journal is durable up to: (open segment number, bytes). Replication
+        # ships up to here and no further (docs/format.md §2.2).
+        self.durable_pos = (journal.segno, journal.size)
+        self.durable_lsn = journal.last_lsn  # the newest LSN at or before durable_pos
+        # Called (on the loop) after every sync that made something new durable or sealed.
+        self.listeners: list[Callable[[], None]] = []
+        # Set by the replicator: waits until the synchronous targets hold `durable_pos`.
+        self.replicate: Callable[[tuple[int, int], int], Awaitable[None]] | None = None
 
     # -- lifecycle ----------------------------------------------------------
     @classmethod
@@ -207,7 +215,7 @@ class Volume:
                 self.catalog.note_segment(segno, size, first, last, time.time_ns())
 
     async def close(self) -> None:
-        await self.sync()
+        await self.sync(replicate=False)
         for t in list(self._background):
             t.cancel()
         await asyncio.to_thread(self.journal.close)
@@ -262,8 +270,21 @@ class Volume:
             await self.sync()
         return lsn
 
-    async def sync(self) -> None:
-        """Return once every transaction committed before the call is durable."""
+    async def sync(self, replicate: bool = True) -> None:
+        """Return once every transaction committed before the call is durable.
+
+        Durable means in the local journal on disk and, unless `replicate` is
+        False, stored at the synchronous targets as the replication policy says.
+        The local fsync and the upload run at the same time: an fsync costs the
+        slower of the two, not their sum.
+        """
+        if replicate and self.replicate is not None:
+            pos, lsn = (self.journal.segno, self.journal.size), self.last_lsn
+            await asyncio.gather(self._sync_local(), self.replicate(pos, lsn))
+        else:
+            await self._sync_local()
+
+    async def _sync_local(self) -> None:
         target = self.last_lsn
         if self._sync_task is not None:
             # That fsync took its work before we were called; ours needs one that starts later.
@@ -280,6 +301,7 @@ class Volume:
     async def _sync_once(self) -> None:
         upto = self.last_lsn
         sealed, self._unnoted = self._unnoted, []
+        pos = (self.journal.segno, self.journal.size)
         work = self.journal.sync_work()
         try:
             await asyncio.to_thread(work)
@@ -294,25 +316,29 @@ class Volume:
         finally:
             self._sync_task = None
         self._synced_lsn = max(self._synced_lsn, upto)
+        if pos > self.durable_pos:
+            self.durable_pos, self.durable_lsn = pos, upto
         now = time.time_ns()
         for segno, first, last, size in sealed:
             self.catalog.note_segment(segno, size, first, last, now)
+        for notify in self.listeners:
+            notify()
 
     def _seal_nowait(self) -> int:
         last = self.journal.last_lsn
         segno, first, size = self.journal.seal()
         self._unnoted.append((segno, first, last, size))
-        task = asyncio.ensure_future(self.sync())
+        task = asyncio.ensure_future(self.sync(replicate=False))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return segno
 
-    async def maybe_seal(self) -> int | None:
-        """Seal the open segment if it is old enough and not empty (called by a timer)."""
+    async def maybe_seal(self, force: bool = False) -> int | None:
+        """Seal the open segment if it is old enough (or `force`) and not empty."""
         age = time.monotonic() - self.journal.opened_at
-        if self.journal.records and age >= self.segment_max_age:
+        if self.journal.records and (force or age >= self.segment_max_age):
             segno = self._seal_nowait()
-            await self.sync()
+            await self.sync(replicate=False)
             return segno
         return None
 

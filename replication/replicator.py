@@ -1,0 +1,197 @@
+"""All targets of a mounted volume: shippers, health probes, the fsync barrier, status.
+
+The barrier is what makes a synchronous target synchronous: `Volume.sync()`
+calls it after the local fsync, and it returns once `quorum` of the sync
+targets that count hold the durable journal position. A sync target counts
+unless its policy is `degrade` and it is down or still catching up; with
+`block` it always counts, and fsync fails with EIO after `block_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from vaultsync.replication.health import Health
+from vaultsync.replication.shipper import Shipper
+
+from vaultsync.config import Config
+from vaultsync.filesystem import FsError
+from vaultsync.header import HEADER_KEY
+from vaultsync.objectstore import ObjectStore, StoreError
+from vaultsync.volume import Volume
+
+log = logging.getLogger("vaultsync.replication")
+
+STATUS_FILE = "replication.json"
+
+
+class Replicator:
+    def __init__(self, cfg: Config, vol: Volume) -> None:
+        self.cfg = cfg
+        self.vol = vol
+        self.shippers: list[Shipper] = []
+        self._stack = AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
+        self._probe_stores: list[ObjectStore] = []
+        self._degraded_logged: set[str] = set()
+
+    async def start(self) -> None:
+        for t in self.cfg.targets:
+            store = await self._stack.enter_async_context(
+                ObjectStore(t, connect_timeout=3, read_timeout=30, max_attempts=3)
+            )
+            probe = await self._stack.enter_async_context(
+                ObjectStore(t, connect_timeout=2, read_timeout=5, max_attempts=1)
+            )
+            sh = Shipper(t, store, self.vol, Health())
+            sh.on_progress = self._progress
+            self.shippers.append(sh)
+            self._probe_stores.append(probe)
+        self.vol.listeners.append(self._wake_all)
+        if any(s.is_sync for s in self.shippers):
+            self.vol.replicate = self.barrier
+        for sh, probe in zip(self.shippers, self._probe_stores, strict=True):
+            self._tasks.append(asyncio.create_task(sh.run(), name=f"ship-{sh.name}"))
+            self._tasks.append(
+                asyncio.create_task(self._monitor(sh, probe), name=f"probe-{sh.name}")
+            )
+        self._tasks.append(asyncio.create_task(self._write_status_loop(), name="repl-status"))
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """At unmount: give every healthy target a chance to receive what is sealed."""
+        self._wake_all()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = [
+                s
+                for s in self.shippers
+                if s.health.state != "down" and s.lag()["queue_segments"] > 0
+            ]
+            if not pending:
+                return
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        self.vol.replicate = None
+        with contextlib.suppress(ValueError):
+            self.vol.listeners.remove(self._wake_all)
+        for sh in self.shippers:
+            sh.stop()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._write_status()
+        await self._stack.aclose()
+
+    # -- events ------------------------------------------------------------------------
+    def _wake_all(self) -> None:
+        for sh in self.shippers:
+            sh.wake.set()
+
+    def _progress(self) -> None:
+        self._changed.set()
+
+    # -- the fsync barrier ------------------------------------------------------------------
+    def _counts(self, sh: Shipper) -> bool:
+        if sh.target.on_failure == "block":
+            return True
+        if sh.health.state == "down":
+            if sh.in_sync:
+                sh.in_sync = False
+                log.error(
+                    "sync target %s is down (%s); fsync carries on without it (policy "
+                    "degrade) until it has caught up",
+                    sh.name,
+                    sh.health.reason,
+                )
+            return False
+        return sh.in_sync
+
+    async def barrier(self, pos: tuple[int, int], lsn: int) -> None:
+        sync = [s for s in self.shippers if s.is_sync]
+        if not sync:
+            return
+        need = self.cfg.replication.quorum or len(sync)
+        deadline = time.monotonic() + self.cfg.replication.block_timeout
+        for s in sync:
+            s.request(pos, lsn)
+        while True:
+            members = [s for s in sync if self._counts(s)]
+            if sum(s.holds(pos) for s in members) >= min(need, len(members)):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                late = [s.name for s in members if not s.holds(pos)]
+                log.error("fsync timed out waiting for sync target(s) %s", ", ".join(late))
+                raise FsError(errno.EIO)
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+
+    # -- health ------------------------------------------------------------------------
+    async def _monitor(self, sh: Shipper, probe: ObjectStore) -> None:
+        while True:
+            t0 = time.monotonic()
+            try:
+                await probe.head(HEADER_KEY)
+                changed = sh.health.ok(time.monotonic() - t0)
+            except StoreError as e:
+                changed = sh.health.failed(e.reason)
+            if changed:
+                log.warning(
+                    "target %s is now %s%s",
+                    sh.name,
+                    sh.health.state,
+                    f": {sh.health.reason}" if sh.health.reason else "",
+                )
+                self._progress()
+                sh.wake.set()
+            interval = self.cfg.replication.probe_interval
+            await asyncio.sleep(interval if sh.health.state == "healthy" else min(interval, 1.0))
+
+    # -- status --------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        out = {}
+        for sh in self.shippers:
+            h = sh.health
+            out[sh.name] = {
+                "mode": sh.target.mode,
+                "effective_mode": "sync" if sh.is_sync and sh.in_sync else "async",
+                "health": h.state,
+                "reason": h.reason,
+                "last_error": h.last_error,
+                "last_error_at": h.last_error_at,
+                "watermark_segment": sh.sealed_wm,
+                "watermark_lsn": sh.acked_lsn,
+                "uploaded_bytes": sh.stats.uploaded_bytes,
+                "uploaded_objects": sh.stats.uploaded_objects,
+                "retries": sh.stats.retries,
+                **sh.lag(),
+            }
+        return {"updated_at": time.time(), "pid": os.getpid(), "targets": out}
+
+    def _write_status(self) -> None:
+        path: Path = self.vol.state_dir / STATUS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.snapshot(), indent=1))
+        os.replace(tmp, path)
+
+    async def _write_status_loop(self) -> None:
+        while True:
+            try:
+                self._write_status()
+            except Exception:
+                log.exception("could not write %s", STATUS_FILE)
+            await asyncio.sleep(1.0)

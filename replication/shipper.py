@@ -1,0 +1,226 @@
+"""One target's shipper: sealed segments in order, then tails of the open one.
+
+Invariant (docs/format.md §2.1): the target always holds a prefix of history.
+`segments/N.seg` is uploaded only after `segments/N-1.seg` was acknowledged,
+and a tail piece of segment N only after N-1 is there and only with bytes that
+are durable in the local journal, so metadata never reaches a target before
+the chunks it refers to (they precede it in the journal).
+
+The watermark (the newest whole segment the target holds, with its last LSN)
+is persisted in the catalog after each acknowledged segment upload. After a
+restart the shipper trusts it, then looks one segment further (an upload
+acknowledged just before a crash) and lists the tail pieces of the next, so it
+neither re-uploads history nor leaves a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vaultsync.replication.health import Health
+
+from vaultsync.config import TargetConfig
+from vaultsync.layout import contiguous_end, parse_tail_key, segment_key, tail_key, tail_prefix
+from vaultsync.objectstore import ObjectStore, StoreError, ThrottledError
+from vaultsync.segment import HEADER_SIZE
+from vaultsync.volume import Volume
+
+log = logging.getLogger("vaultsync.replication")
+
+
+@dataclass
+class ShipperStats:
+    uploaded_bytes: int = 0
+    uploaded_objects: int = 0
+    retries: int = 0
+    last_upload_at: float = 0.0
+
+
+@dataclass
+class Shipper:
+    target: TargetConfig
+    store: ObjectStore
+    vol: Volume
+    health: Health = field(default_factory=Health)
+    sealed_wm: int = 0  # every segment up to this number is at the target
+    acked_lsn: int = 0  # newest LSN the target holds (whole segments or tails)
+    tail_off: int = 0  # bytes of segment sealed_wm+1 held as tail pieces
+    in_sync: bool = True  # a sync target that has caught up and counts for fsync
+    stats: ShipperStats = field(default_factory=ShipperStats)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    on_progress: Any = None  # callable() -> None, set by the replicator
+    # The furthest journal position (and its LSN) an fsync waits for: may be ahead
+    # of what is durable locally, because the local fsync runs in parallel.
+    requested: tuple[tuple[int, int], int] = ((0, 0), 0)
+    _stopped: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def is_sync(self) -> bool:
+        return self.target.mode == "sync"
+
+    # -- position ------------------------------------------------------------------
+    def holds(self, pos: tuple[int, int]) -> bool:
+        """Does the target hold the journal up to `pos` = (segment, byte offset)?"""
+        segno, size = pos
+        if self.sealed_wm >= segno or (size <= HEADER_SIZE and self.sealed_wm >= segno - 1):
+            return True
+        return self.sealed_wm + 1 == segno and self.tail_off >= size
+
+    def lag(self) -> dict[str, Any]:
+        segs = [
+            s for s in self.vol.catalog.segments() if s["sealed"] and s["segno"] > self.sealed_wm
+        ]
+        dseg, dsize = self.vol.durable_pos
+        open_bytes = max(0, dsize - (self.tail_off if dseg == self.sealed_wm + 1 else 0))
+        lag_bytes = sum(s["size"] for s in segs) + (open_bytes if dsize > 64 else 0)
+        lag_lsn = max(0, self.vol.last_lsn - self.acked_lsn)
+        oldest = min((s["sealed_ns"] or 0 for s in segs), default=0) / 1e9
+        if not oldest and lag_lsn:
+            oldest = time.time() - (time.monotonic() - self.vol.journal.opened_at)
+        return {
+            "lag_lsn": lag_lsn,
+            "lag_bytes": lag_bytes,
+            "lag_seconds": round(max(0.0, time.time() - oldest), 3) if lag_lsn and oldest else 0.0,
+            "queue_segments": len(segs),
+        }
+
+    def request(self, pos: tuple[int, int], lsn: int) -> None:
+        self.requested = max(self.requested, (pos, lsn))
+        self.wake.set()
+
+    # -- the loop --------------------------------------------------------------------
+    async def resume(self) -> None:
+        wm = self.vol.catalog.watermarks().get(self.name)
+        if wm is not None:
+            self.sealed_wm, self.acked_lsn = wm[0], wm[1]
+        # An upload acknowledged just before a crash is not in the catalog yet.
+        while self._sealed_row(self.sealed_wm + 1) is not None:
+            info = await self.store.head(segment_key(self.sealed_wm + 1))
+            row = self._sealed_row(self.sealed_wm + 1)
+            if info is None or row is None or info.size != row["size"]:
+                break
+            self._advance_sealed(self.sealed_wm + 1, row["last_lsn"] or self.acked_lsn)
+        pieces = []
+        async for o in self.store.list(tail_prefix(self.sealed_wm + 1)):
+            parsed = parse_tail_key(o.key)
+            if parsed and parsed[0] == self.sealed_wm + 1:
+                pieces.append((parsed[1], parsed[2]))
+        # Pieces may run past what survived here (uploaded in parallel with an fsync
+        # that a power cut undid); the journal will write other bytes there, so they go.
+        jseg, jsize = self.vol.journal.segno, self.vol.journal.size
+        beyond = [(a, b) for a, b in pieces if jseg != self.sealed_wm + 1 or b > jsize]
+        for a, b in beyond:
+            await self.store.delete(tail_key(self.sealed_wm + 1, a, b))
+        self.tail_off = contiguous_end([p for p in pieces if p not in beyond])
+
+    def _sealed_row(self, segno: int) -> dict[str, Any] | None:
+        for s in self.vol.catalog.segments():
+            if s["segno"] == segno and s["sealed"]:
+                return s
+        return None
+
+    def _advance_sealed(self, segno: int, last_lsn: int) -> None:
+        self.sealed_wm = segno
+        self.acked_lsn = max(self.acked_lsn, last_lsn)
+        self.vol.catalog.set_watermark(self.name, segno, self.acked_lsn, time.time_ns())
+
+    def _read(self, segno: int, start: int, end: int | None) -> bytes:
+        with open(self.vol.journal.path(segno), "rb") as f:
+            f.seek(start)
+            return f.read(-1 if end is None else end - start)
+
+    async def step(self) -> bool:
+        """Ship the next thing; False when there is nothing to do."""
+        nxt = self.sealed_wm + 1
+        row = self._sealed_row(nxt)
+        if row is not None:
+            data = await asyncio.to_thread(self._read, nxt, 0, None)
+            t0 = time.monotonic()
+            await self.store.put(segment_key(nxt), data)
+            self._uploaded(len(data), time.monotonic() - t0)
+            had_tail = self.tail_off > 0
+            self._advance_sealed(nxt, row["last_lsn"] or self.acked_lsn)
+            self.tail_off = 0
+            if had_tail:
+                await self._drop_tails(nxt)
+            return True
+        if self.is_sync:
+            (dseg, dsize), dlsn = max((self.vol.durable_pos, self.vol.durable_lsn), self.requested)
+            # A segment holding only its header says nothing yet; wait for records.
+            if dseg == nxt and dsize > max(self.tail_off, HEADER_SIZE):
+                start = self.tail_off
+                data = await asyncio.to_thread(self._read, nxt, start, dsize)
+                t0 = time.monotonic()
+                await self.store.put(tail_key(nxt, start, dsize), data)
+                self._uploaded(len(data), time.monotonic() - t0)
+                self.tail_off = dsize
+                self.acked_lsn = max(self.acked_lsn, dlsn)
+                return True
+        return False
+
+    async def _drop_tails(self, segno: int) -> None:
+        with contextlib.suppress(StoreError):
+            keys = [o.key async for o in self.store.list(tail_prefix(segno))]
+            for k in keys:
+                await self.store.delete(k)
+
+    def _uploaded(self, n: int, latency: float) -> None:
+        self.stats.uploaded_bytes += n
+        self.stats.uploaded_objects += 1
+        self.stats.last_upload_at = time.time()
+        self.health.ok(latency)
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
+
+    async def run(self) -> None:
+        backoff = 0.5
+        resumed = False
+        while not self._stopped:
+            try:
+                if not resumed:
+                    await self.resume()
+                    resumed = True
+                    self._progress()
+                while await self.step():
+                    backoff = 0.5
+                self._check_in_sync()
+            except StoreError as e:
+                self.stats.retries += 1
+                if self.health.failed(e.reason):
+                    log.warning("target %s is %s: %s", self.name, self.health.state, e.reason)
+                self._progress()
+                slow = 4.0 if isinstance(e, ThrottledError) else 1.0
+                backoff = min(30.0, backoff * 2 * slow)
+                await asyncio.sleep(random.uniform(backoff / 2, backoff))
+                continue
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), 1.0)
+
+    def _check_in_sync(self) -> None:
+        if (
+            self.is_sync
+            and not self.in_sync
+            and self.health.state != "down"
+            and self.holds(self.vol.durable_pos)
+        ):
+            self.in_sync = True
+            log.warning("target %s caught up; it counts for fsync again", self.name)
+            self._progress()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.wake.set()

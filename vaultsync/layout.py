@@ -1,0 +1,53 @@
+"""Object keys of the bucket layout (docs/format.md §2), relative to a target's prefix.
+
+Pure functions: the one place that spells key names, so the writer, the
+readers and the docs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vaultsync.header import HEADER_KEY
+
+__all__ = ["HEADER_KEY", "contiguous_end", "segment_key", "tail_key"]
+SEGMENTS = "segments/"
+TAILS = "tails/"
+
+_SEG_RE = re.compile(r"^segments/([0-9a-f]{16})\.seg$")
+_TAIL_RE = re.compile(r"^tails/([0-9a-f]{16})/([0-9a-f]{16})-([0-9a-f]{16})\.part$")
+
+
+def segment_key(segno: int) -> str:
+    return f"{SEGMENTS}{segno:016x}.seg"
+
+
+def parse_segment_key(key: str) -> int | None:
+    m = _SEG_RE.match(key)
+    return int(m.group(1), 16) if m else None
+
+
+def tail_prefix(segno: int) -> str:
+    return f"{TAILS}{segno:016x}/"
+
+
+def tail_key(segno: int, start: int, end: int) -> str:
+    """Bytes [start, end) of the still-open segment `segno` (§2.2)."""
+    return f"{tail_prefix(segno)}{start:016x}-{end:016x}.part"
+
+
+def parse_tail_key(key: str) -> tuple[int, int, int] | None:
+    m = _TAIL_RE.match(key)
+    if not m:
+        return None
+    return int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16)
+
+
+def contiguous_end(pieces: list[tuple[int, int]]) -> int:
+    """How far from offset 0 the tail pieces (start, end) cover without a gap."""
+    end = 0
+    for start, stop in sorted(pieces):
+        if start > end:
+            break
+        end = max(end, stop)
+    return end
