@@ -30,6 +30,10 @@ class Health:
     _recent: deque[tuple[bool, float]] = field(default_factory=lambda: deque(maxlen=20))
     since: float = field(default_factory=time.time)
 
+    def median_latency(self) -> float:
+        oks = sorted(lat for good, lat in self._recent if good)
+        return oks[len(oks) // 2] if oks else float("inf")
+
     def _set(self, state: State, reason: str) -> bool:
         changed = state != self.state
         if changed:

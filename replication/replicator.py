@@ -20,12 +20,14 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from vaultsync.replication.fetch import fetch_chunk
 from vaultsync.replication.health import Health
 from vaultsync.replication.shipper import Shipper
 
 from vaultsync.config import Config
 from vaultsync.filesystem import FsError
 from vaultsync.header import HEADER_KEY
+from vaultsync.journal import Location
 from vaultsync.objectstore import ObjectStore, StoreError
 from vaultsync.volume import Volume
 
@@ -60,6 +62,13 @@ class Replicator:
         self.vol.listeners.append(self._wake_all)
         if any(s.is_sync for s in self.shippers):
             self.vol.replicate = self.barrier
+        if self.shippers:
+            shippers = self.shippers
+
+            async def fetch(loc: Location, cid: bytes) -> bytes:
+                return await fetch_chunk(shippers, self.vol, loc, cid)
+
+            self.vol.fetch_remote = fetch
         for sh, probe in zip(self.shippers, self._probe_stores, strict=True):
             self._tasks.append(asyncio.create_task(sh.run(), name=f"ship-{sh.name}"))
             self._tasks.append(
@@ -83,6 +92,7 @@ class Replicator:
 
     async def stop(self) -> None:
         self.vol.replicate = None
+        self.vol.fetch_remote = None
         with contextlib.suppress(ValueError):
             self.vol.listeners.remove(self._wake_all)
         for sh in self.shippers:

@@ -106,7 +106,8 @@ def test_init_writes_header_to_both_targets_and_is_idempotent(
     doc = json.loads(st.stdout)
     assert doc["volume"]["volume_id"] == uuid.UUID(headers[0]["volume_id"]).hex
     assert doc["volume"]["last_lsn"] == 1
-    assert [t["health"] for t in doc["targets"]] == ["ok", "ok"]
+    assert [t["probe"] for t in doc["targets"]] == ["ok", "ok"]
+    assert [t["health"] for t in doc["targets"]] == ["healthy", "healthy"]
     assert [t["mode"] for t in doc["targets"]] == ["sync", "async"]
 
 

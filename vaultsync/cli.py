@@ -81,17 +81,83 @@ def print_status(st: dict[str, Any]) -> None:
             f"{v['inodes']} inodes  {v['chunks']} chunks  "
             f"{v['sealed_segments']} sealed segments  journal {v['journal_bytes']} bytes"
         )
-    table = Table("target", "mode", "health", "watermark", "lag (LSNs)", "where")
+    if v.get("initialized"):
+        out.print("  mounted: " + ("yes (live numbers)" if v.get("mounted") else "no"))
+    table = Table("target", "mode", "health", "watermark", "lag LSNs", "lag", "last error", "where")
     for t in st["targets"]:
+        mode = t["mode"]
+        if t.get("effective_mode") != mode:
+            mode = f"{mode} → {t['effective_mode']}"
+        lag = ""
+        if t.get("lag_bytes") is not None:
+            lag = f"{t['lag_bytes'] / 1e6:.1f} MB, {t['lag_seconds']:.1f}s"
+        health = t["health"] + (f" ({t['reason']})" if t.get("reason") else "")
         table.add_row(
             t["name"],
-            t["mode"],
-            t["health"],
+            mode,
+            health,
             str(t["watermark_lsn"]),
             str(t["lag_lsn"]),
+            lag,
+            t.get("last_error") or "",
             f"{t['endpoint']}/{t['bucket']}/{t['prefix']}",
         )
     out.print(table)
+
+
+@app.command()
+def verify(
+    config: ConfigArg,
+    target: Annotated[str | None, typer.Option(help="Only this target.")] = None,
+    sample: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of segments to check (1 = all).")
+    ] = 1.0,
+    heal: Annotated[bool, typer.Option(help="Re-upload missing or damaged copies.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Scrub the targets: every segment compared with the local journal, bad copies healed."""
+    from rich.progress import Progress
+
+    from vaultsync.replication.verify import verify as run_verify
+
+    cfg = load_config(config)
+    with Progress(console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task("verifying segments", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = asyncio.run(
+            run_verify(cfg, sample=sample, heal=heal, only=target, progress=progress)
+        )
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps({**asdict(report), "clean": report.clean}, indent=2))
+    else:
+        table = Table("target", "checked", "ok", "missing", "damaged", "healed", "error")
+        for t in report.targets:
+            table.add_row(
+                t.name,
+                str(t.checked),
+                str(t.ok),
+                str(len(t.missing)),
+                str(len(t.corrupt)),
+                str(len(t.healed)),
+                t.error,
+            )
+        out.print(table)
+        if report.local_bad:
+            out.print(
+                f"local journal: {len(report.local_bad)} damaged segment(s), "
+                f"{len(report.local_healed)} restored from a target"
+            )
+        out.print("all copies verified" if report.clean else "problems found (see above)")
+    unhealed = any(t.unhealable or t.error for t in report.targets) or (
+        len(report.local_healed) < len(report.local_bad)
+    )
+    if unhealed or (not heal and not report.clean):
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -127,9 +193,7 @@ def mount(
 
         log_path = log_file or cfg.volume.state_dir / "mount.log"
         pid = start_daemon(config, mountpoint, log_path)
-        out.print(
-            f"volume {cfg.volume.name} mounted at {mountpoint} (pid {pid}, log {log_path})"
-        )
+        out.print(f"volume {cfg.volume.name} mounted at {mountpoint} (pid {pid}, log {log_path})")
         return
     import logging
 

@@ -77,7 +77,12 @@ class Journal:
     # -- opening and recovery --------------------------------------------
     @classmethod
     def open(
-        cls, directory: Path, volume_id: bytes, epoch: int = 0, expect_lsn: int = 0
+        cls,
+        directory: Path,
+        volume_id: bytes,
+        epoch: int = 0,
+        expect_lsn: int = 0,
+        sealed_last: dict[int, int] | None = None,
     ) -> tuple[Journal, RecoveryReport]:
         """Open for appending, repairing a torn tail.
 
@@ -122,8 +127,14 @@ class Journal:
                 committed_end = off + rec.size
                 count = i + 1
                 j.last_lsn = max(j.last_lsn, rec.lsn)
-        if j.last_lsn == 0 and len(segnos) > 1:
-            j.last_lsn = j._sealed_last_lsn(segnos[-2])
+        if j.last_lsn == 0 and last > 1:
+            # The newest segment holds no transaction yet: the previous one's seal
+            # says where history stands (or the catalog does, if that file was lost
+            # and is to be read back from a target).
+            if j.path(last - 1).exists():
+                j.last_lsn = j._sealed_last_lsn(last - 1)
+            elif sealed_last and last - 1 in sealed_last:
+                j.last_lsn = sealed_last[last - 1]
         if j.last_lsn < expect_lsn:
             raise CorruptRecordError(
                 f"{path}: the journal ends at LSN {j.last_lsn} "
@@ -307,3 +318,14 @@ class Journal:
                 if rec.type is seg.RecordType.SEAL or rec.lsn <= after_lsn:
                     continue
                 yield Location(segno, off, rec.size), rec
+
+
+def replace_segment_file(path: Path, data: bytes) -> None:
+    """Put a verified copy of a sealed segment in place of a lost or damaged local file."""
+    tmp = path.with_suffix(".heal")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)

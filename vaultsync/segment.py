@@ -230,3 +230,18 @@ def scan_segment(buf: bytes | memoryview, where: str = "segment") -> ScanResult:
                 result.stop_reason = f"{len(mv) - off} bytes after the seal record"
             break
     return result
+
+
+def is_complete_segment(data: bytes, volume_id: bytes, segno: int) -> bool:
+    """A whole sealed segment of this volume with this number, every checksum right."""
+    try:
+        scan = scan_segment(data, f"segment {segno}")
+    except FormatError:
+        return False
+    h = scan.header
+    return bool(
+        scan.sealed
+        and scan.stop_reason is None
+        and h.volume_id == volume_id
+        and h.segment_no == segno
+    )

@@ -8,12 +8,15 @@ lock. The numbers here are the ones the REST API and metrics will expose.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 from vaultsync.config import Config
 from vaultsync.header import VolumeHeader
+from vaultsync.replication.replicator import STATUS_FILE
 from vaultsync.targets import open_stores, probe_target
 from vaultsync.volume import CATALOG_FILE, JOURNAL_DIR, has_volume, read_local_header
 
@@ -67,18 +70,41 @@ async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:
     if probe and cfg.targets:
         async with open_stores(cfg, connect_timeout=3, max_attempts=1) as stores:
             health = list(await asyncio.gather(*(probe_target(s, header) for s in stores)))
+    live = _live_replication(state_dir)
+    volume["mounted"] = live is not None
     for t, h in zip(cfg.targets, health, strict=True):
         wm = numbers["watermarks"].get(t.name, {"lsn": 0})
-        targets.append(
-            {
-                "name": t.name,
-                "endpoint": t.endpoint,
-                "bucket": t.bucket,
-                "prefix": t.prefix,
-                "mode": t.mode,
-                "health": h,
-                "watermark_lsn": wm["lsn"],
-                "lag_lsn": max(0, numbers["last_lsn"] - wm["lsn"]),
-            }
-        )
+        row: dict[str, Any] = {
+            "name": t.name,
+            "endpoint": t.endpoint,
+            "bucket": t.bucket,
+            "prefix": t.prefix,
+            "mode": t.mode,
+            "effective_mode": t.mode,
+            "probe": h,
+            "health": h if h != "ok" else "healthy",
+            "watermark_lsn": wm["lsn"],
+            "lag_lsn": max(0, numbers["last_lsn"] - wm["lsn"]),
+            "lag_bytes": None,
+            "lag_seconds": None,
+            "queue_segments": None,
+            "last_error": "",
+        }
+        # While mounted, the daemon's own view is fresher than the catalog's.
+        if live is not None and t.name in live["targets"]:
+            lt = live["targets"][t.name]
+            row.update({k: lt[k] for k in lt if k in row or k in ("reason", "uploaded_bytes")})
+        targets.append(row)
     return {"volume": volume, "targets": targets}
+
+
+def _live_replication(state_dir: Path) -> dict[str, Any] | None:
+    """The mount daemon's replication snapshot, if a daemon is running and writing it."""
+    path = state_dir / STATUS_FILE
+    try:
+        snap: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if time.time() - float(snap.get("updated_at", 0)) > 10:
+        return None  # stale: the daemon is gone
+    return snap

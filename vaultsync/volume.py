@@ -39,9 +39,9 @@ from vaultsync import segment as seg
 from vaultsync.catalog import Catalog, StoredChunk
 from vaultsync.chunks import Codec
 from vaultsync.crypto import VolumeKeys
-from vaultsync.errors import VolumeError
+from vaultsync.errors import CryptoError, FormatError, VolumeError
 from vaultsync.header import HEADER_KEY, VolumeHeader
-from vaultsync.journal import Journal, RecoveryReport
+from vaultsync.journal import Journal, Location, RecoveryReport
 from vaultsync.txn import Op, SetInode, Transaction
 
 ROOT_INO = 1
@@ -107,6 +107,8 @@ class Volume:
         self.listeners: list[Callable[[], None]] = []
         # Set by the replicator: waits until the synchronous targets hold `durable_pos`.
         self.replicate: Callable[[tuple[int, int], int], Awaitable[None]] | None = None
+        # Set by the replicator: read a chunk record from the targets (verified by id).
+        self.fetch_remote: Callable[[Location, bytes], Awaitable[bytes]] | None = None
 
     # -- lifecycle ----------------------------------------------------------
     @classmethod
@@ -185,8 +187,13 @@ class Volume:
                     f"{header.volume_id_hex}; the state directory is mixed up"
                 )
             applied = catalog.last_lsn()
+            sealed_last = {
+                s["segno"]: s["last_lsn"]
+                for s in catalog.segments()
+                if s["sealed"] and s["last_lsn"] is not None
+            }
             journal, report = await asyncio.to_thread(
-                Journal.open, state_dir / JOURNAL_DIR, header.volume_id, 0, applied
+                Journal.open, state_dir / JOURNAL_DIR, header.volume_id, 0, applied, sealed_last
             )
         except BaseException:
             catalog.close()
@@ -355,4 +362,13 @@ class Volume:
         def work() -> bytes:
             return self.codec.decode_chunk(self.journal.read(loc), expect_id=cid)
 
-        return await asyncio.to_thread(work)
+        try:
+            return await asyncio.to_thread(work)
+        except (OSError, FormatError, CryptoError) as e:
+            if self.fetch_remote is None:
+                raise VolumeError(
+                    f"chunk {cid.hex()[:16]}… cannot be read from the local journal "
+                    f"({e}) and no target is configured to read it from"
+                ) from e
+            # The local copy is gone or bad: the targets hold the same bytes.
+            return await self.fetch_remote(loc, cid)
