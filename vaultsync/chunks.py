@@ -61,6 +61,13 @@ class Codec:
         if d is None:
             d = self._local.dctx = zstandard.ZstdDecompressor()
         try:
+            # A frame that states its size is decompressed to that size regardless of
+            # max_output_size: refuse a forged size before allocating it.
+            stated = zstandard.frame_content_size(data)
+            if stated > limit:
+                raise CorruptRecordError(
+                    f"compressed payload claims {stated} bytes, more than the limit {limit}"
+                )
             return d.decompress(data, max_output_size=limit)
         except zstandard.ZstdError as e:
             raise CorruptRecordError(f"compressed payload does not decompress: {e}") from None

@@ -217,11 +217,17 @@ class Config(_Strict):
         v = self.volume
         if v.passphrase_file is not None:
             try:
-                return v.passphrase_file.read_text().rstrip("\n")
+                text = v.passphrase_file.read_text().rstrip("\n")
             except OSError as e:
                 raise ConfigError(
                     f"volume.passphrase_file: cannot read {v.passphrase_file}: {e.strerror or e}"
                 ) from None
+            if not text:
+                raise ConfigError(
+                    f"volume.passphrase_file: {v.passphrase_file} is empty; "
+                    "write the passphrase in it"
+                )
+            return text
         p = os.environ.get(v.passphrase_env)
         if not p:
             raise ConfigError(

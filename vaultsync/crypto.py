@@ -53,7 +53,7 @@ class KdfParams:
         if d.get("algorithm") != "argon2id":
             raise FormatError(f"unsupported key derivation {d.get('algorithm')!r} in volume header")
         try:
-            return cls(
+            p = cls(
                 salt=base64.b64decode(d["salt"], validate=True),
                 iterations=int(d["iterations"]),
                 memory_kib=int(d["memory_kib"]),
@@ -61,6 +61,10 @@ class KdfParams:
             )
         except (KeyError, ValueError, TypeError) as e:
             raise FormatError(f"volume header: malformed kdf parameters ({e})") from None
+        # Argon2id's own limits (RFC 9106 3.1), checked here so damage reads as damage.
+        if len(p.salt) < 8 or p.iterations < 1 or p.lanes < 1 or p.memory_kib < 8 * p.lanes:
+            raise FormatError("volume header: kdf parameters are out of range (damaged header?)")
+        return p
 
 
 def derive_kek(passphrase: str, params: KdfParams) -> bytes:
@@ -84,6 +88,8 @@ def wrap_master_key(master: bytes, kek: bytes, volume_id: bytes) -> bytes:
 
 
 def unwrap_master_key(wrapped: bytes, kek: bytes, volume_id: bytes) -> bytes:
+    if len(wrapped) != NONCE_SIZE + KEY_SIZE + 16:  # nonce, key, GCM tag
+        raise FormatError("volume header: wrapped key has the wrong length (damaged header?)")
     try:
         key = AESGCM(kek).decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:], _wrap_aad(volume_id))
     except InvalidTag:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vaultsync import crypto
-from vaultsync.errors import FormatError, NewerFormatError
+from vaultsync.errors import CryptoError, FormatError, NewerFormatError
 
 FORMAT_NAME = "vaultsync-volume"
 FORMAT_VERSION = 1
@@ -124,6 +124,7 @@ class VolumeHeader:
         """The same volume with its master key rewrapped under a new passphrase."""
         if self.encryption is None:
             raise FormatError("this volume is not encrypted; it has no passphrase to change")
+        _check_passphrase(new)
         master = crypto.unwrap_master_key(
             self.encryption.wrapped_key,
             crypto.derive_kek(old, self.encryption.kdf),
@@ -132,6 +133,12 @@ class VolumeHeader:
         kdf = kdf or crypto.KdfParams(salt=os.urandom(16))
         wrapped = crypto.wrap_master_key(master, crypto.derive_kek(new, kdf), self.volume_id)
         return replace(self, encryption=Encryption(kdf=kdf, wrapped_key=wrapped))
+
+
+def _check_passphrase(passphrase: str) -> None:
+    # unlock() treats "" as "no passphrase given": never create what it cannot open.
+    if not passphrase:
+        raise CryptoError("the passphrase is empty; choose a non-empty passphrase")
 
 
 def new_header(
@@ -145,6 +152,7 @@ def new_header(
     volume_id = uuid.uuid4().bytes
     enc = None
     if passphrase is not None:
+        _check_passphrase(passphrase)
         kdf = kdf or crypto.KdfParams(salt=os.urandom(16))
         master = os.urandom(crypto.KEY_SIZE)
         enc = Encryption(

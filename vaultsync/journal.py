@@ -94,14 +94,22 @@ class Journal:
         j = cls(directory, volume_id, epoch)
         report = RecoveryReport()
         segnos = j.segment_numbers()
-        # A newest file without an intact header was never written to (invariant 2).
+        # A newest file no longer than a header that does not verify was being created
+        # when we crashed (invariant 2): nothing was ever appended to it. A longer one
+        # with a bad header is damage, and we never delete damage.
         while segnos:
             path = j.path(segnos[-1])
+            with path.open("rb") as f:
+                head = f.read(seg.HEADER_SIZE + 1)
             try:
-                with path.open("rb") as f:
-                    seg.SegmentHeader.unpack(f.read(seg.HEADER_SIZE), str(path))
+                seg.SegmentHeader.unpack(head[: seg.HEADER_SIZE], str(path))
                 break
-            except CorruptRecordError:
+            except FormatError:
+                if len(head) > seg.HEADER_SIZE:
+                    raise CorruptRecordError(
+                        f"{path}: the segment header is damaged but records follow it; "
+                        "nothing was changed. Restore the state directory from a target"
+                    ) from None
                 path.unlink()
                 report.removed_empty += 1
                 segnos.pop()
@@ -308,15 +316,31 @@ class Journal:
         Recovery has already cut uncommitted tails, so each CHUNK yielded here
         is followed by the TXN that commits it.
         """
-        for segno in self.segment_numbers():
+        segnos = self.segment_numbers()
+        expect: int | None = None
+        for segno in segnos:
             path = self.path(segno)
             buf = path.read_bytes()
             scan = seg.scan_segment(buf, str(path))
             if scan.header.volume_id != self.volume_id:
                 raise FormatError(f"{path}: foreign segment in the journal")
+            # Only the newest segment may end early (its tail was cut on open); a
+            # sealed one that does not verify to its seal must not be half-used.
+            if segno != segnos[-1] and (not scan.sealed or scan.stop_reason):
+                raise CorruptRecordError(
+                    f"{path}: sealed segment is damaged ({scan.stop_reason or 'no seal'}); "
+                    "run `vaultsync verify` to restore it from a target"
+                )
             for off, rec in scan.records:
                 if rec.type is seg.RecordType.SEAL or rec.lsn <= after_lsn:
                     continue
+                if rec.type is seg.RecordType.TXN:
+                    if expect is not None and rec.lsn != expect:
+                        raise CorruptRecordError(
+                            f"{path}: transaction LSN {rec.lsn} follows {expect - 1}; "
+                            "the journal has a gap"
+                        )
+                    expect = rec.lsn + 1
                 yield Location(segno, off, rec.size), rec
 
 

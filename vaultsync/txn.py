@@ -155,7 +155,10 @@ class Transaction:
             raise CorruptRecordError(f"transaction is not valid JSON: {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("ops"), list):
             raise CorruptRecordError("transaction lacks its ops list")
-        if doc.get("v", 0) > TXN_VERSION:
+        v = doc.get("v")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise CorruptRecordError(f"transaction version {v!r} is not a positive integer")
+        if v > TXN_VERSION:
             raise NewerFormatError(
                 f"transaction version {doc.get('v')} is newer than this vaultsync reads"
             )
