@@ -481,3 +481,24 @@ def test_load_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as ei:
         load_config(bad)
     assert str(ei.value) == f"{bad}: volume.state_dir: is required but missing"
+
+
+def test_credentials_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "open.cred"
+    f.write_text("access_key_id = AK\nsecret_access_key = SK\n")
+    f.chmod(0o644)
+    cfg = parse_config(
+        {
+            "volume": {"name": "v", "state_dir": str(tmp_path / "s")},
+            "targets": [
+                {
+                    "name": "t",
+                    "endpoint": "http://127.0.0.1:9",
+                    "bucket": "bkt",
+                    "credentials": {"file": str(f)},
+                }
+            ],
+        }
+    )
+    with pytest.raises(ConfigError, match="chmod 600"):
+        cfg.targets[0].credentials.resolve("targets.t")

@@ -101,6 +101,12 @@ def _read_credentials_file(path: Path, where: str) -> tuple[str, SecretStr]:
         raise ConfigError(
             f"{where}.credentials.file: cannot read {path}: {e.strerror or e}"
         ) from None
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"{where}.credentials.file: {path} can be read by other users (mode {mode:o}); "
+            f"run chmod 600 {path}"
+        )
     values: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
