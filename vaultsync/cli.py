@@ -185,9 +185,33 @@ def mount(
     log_file: Annotated[
         Path | None, typer.Option(help="Daemon log (default: STATE_DIR/mount.log).")
     ] = None,
+    from_target: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="Mount read-only from this target alone (no local state needed)."
+        ),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(help="With --from: an LSN, an ISO-8601 time, or a snapshot name."),
+    ] = None,
 ) -> None:
     """Mount the volume; stays in the foreground until unmounted or signalled."""
     cfg = load_config(config)
+    if at is not None and from_target is None:
+        raise typer.BadParameter("--at needs --from TARGET")
+    if from_target is not None:
+        import logging
+
+        from vaultsync.fuse.mount import run_point_mount
+
+        if daemon:
+            raise typer.BadParameter("--daemon is not supported with --from yet")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        run_point_mount(cfg, from_target, at, mountpoint, _passphrase(cfg))
+        return
     if daemon:
         from vaultsync.fuse.mount import start_daemon
 

@@ -1,0 +1,173 @@
+"""Disaster drill: site A writes; its local state is destroyed; site B mounts any point."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from vaultsync.fuse.mount import lazy_unmount, mounted_at
+
+from tests.conftest import _credentials_file
+from tests.mounting import Mount
+from vaultsync.providers import LocalProvider
+
+
+def _tree(root: Path) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            p = Path(dirpath) / d
+            out[str(p.relative_to(root)) + "/"] = oct(p.lstat().st_mode)
+        for f in filenames:
+            p = Path(dirpath) / f
+            st = p.lstat()
+            if p.is_symlink():
+                out[str(p.relative_to(root))] = ("link", os.readlink(p))
+            else:
+                out[str(p.relative_to(root))] = (oct(st.st_mode), st.st_size, p.read_bytes())
+    return out
+
+
+def _targets_toml(sw: LocalProvider, rc: LocalProvider, bucket: str) -> str:
+    toml = ""
+    for name, p, mode in (("sw", sw, "sync"), ("rc", rc, "async")):
+        cred = _credentials_file(p.access_key, p.secret_key)
+        toml += (
+            f'\n[[targets]]\nname = "{name}"\nendpoint = "{p.endpoint}"\nbucket = "{bucket}"\n'
+            f'prefix = "v"\nmode = "{mode}"\ncredentials = {{ file = "{cred}" }}\n'
+        )
+    return toml
+
+
+class PointMount:
+    def __init__(self, config: Path, mountpoint: Path, target: str, at: str | None) -> None:
+        args = [sys.executable, "-m", "vaultsync", "mount", str(config), str(mountpoint)]
+        args += ["--from", target] + (["--at", at] if at else [])
+        self.mountpoint = mountpoint
+        self.log = mountpoint.parent / f"point-{uuid.uuid4().hex[:6]}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(self.log.read_text())
+            if mounted_at(mountpoint) is not None:
+                return
+            time.sleep(0.05)
+        raise AssertionError("point mount did not come up: " + self.log.read_text())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        if mounted_at(self.mountpoint) is not None:
+            lazy_unmount(self.mountpoint)
+
+
+def test_any_point_mounts_from_each_target_after_site_a_is_destroyed(
+    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider
+) -> None:
+    bucket = f"dr-{uuid.uuid4().hex[:12]}"
+    seaweedfs.create_bucket(bucket)
+    rclone.create_bucket(bucket)
+    targets = _targets_toml(seaweedfs, rclone, bucket)
+    a = Mount.create(tmp_path / "siteA", 'segment_size = "1MiB"\n' + targets)
+    a.start()
+    recorded: list[tuple[str, dict[str, object]]] = []
+    try:
+        mnt = a.mountpoint
+        for round_no in range(3):
+            (mnt / f"dir{round_no}").mkdir()
+            for i in range(5):
+                (mnt / f"dir{round_no}" / f"f{i}").write_bytes(os.urandom(1000 * (i + 1)))
+            (mnt / "shared").write_bytes(f"version {round_no}".encode() * 100)
+            os.symlink(f"dir{round_no}", mnt / f"link{round_no}")
+            if round_no == 1:
+                os.rename(mnt / "dir0" / "f0", mnt / "dir1" / "moved")
+                os.unlink(mnt / "dir0" / "f1")
+            fd = os.open(mnt / "shared", os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            time.sleep(0.05)
+            now = time.time_ns()
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9))
+            stamp += f".{now % 10**9:09d}Z"
+            recorded.append((stamp, _tree(mnt)))
+            time.sleep(0.05)
+        a.umount()
+    finally:
+        a.cleanup()
+    # Site A is gone: its whole local state.
+    import shutil
+
+    shutil.rmtree(a.state_dir)
+    b_root = tmp_path / "siteB"
+    b_root.mkdir()
+    b_cfg = b_root / "vs.toml"
+    b_cfg.write_text('[volume]\nname = "t"\nstate_dir = "unused"\n' + targets)
+    for target in ("sw", "rc"):
+        for stamp, tree in recorded:
+            mp = b_root / f"mnt-{target}-{len(stamp)}-{uuid.uuid4().hex[:4]}"
+            mp.mkdir()
+            pm = PointMount(b_cfg, mp, target, stamp)
+            try:
+                assert _tree(mp) == tree, f"{target} at {stamp}"
+                # Read-only: a point in time cannot be changed.
+                try:
+                    (mp / "new").write_bytes(b"x")
+                    raise AssertionError("write to a point-in-time mount succeeded")
+                except OSError as e:
+                    assert e.errno == 30  # EROFS
+            finally:
+                pm.close()
+
+
+def test_bad_points_are_clear_errors(
+    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider
+) -> None:
+    bucket = f"dr-{uuid.uuid4().hex[:12]}"
+    seaweedfs.create_bucket(bucket)
+    rclone.create_bucket(bucket)
+    targets = _targets_toml(seaweedfs, rclone, bucket)
+    a = Mount.create(tmp_path / "siteA", targets)
+    a.start()
+    try:
+        (a.mountpoint / "x").write_bytes(b"x")
+        a.umount()
+    finally:
+        a.cleanup()
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    for at, needle in (
+        ("1999-01-01T00:00:00Z", "before the first point"),
+        ("no-such-snap", "no snapshot named 'no-such-snap'"),
+        ("999999", "holds points up to LSN"),
+    ):
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vaultsync",
+                "mount",
+                str(a.config),
+                str(mp),
+                "--from",
+                "sw",
+                "--at",
+                at,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 1, res.stderr
+        assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -1,0 +1,317 @@
+"""Rebuilding the volume as of a point in time from one target alone.
+
+A target holds sealed segments `1..N` and, for a sync target, tail pieces of
+segment N+1 (docs/format.md §2). Replaying their transactions in LSN order up
+to the chosen point gives the catalog as it was then; chunk locations point
+into the target's segments, and the bytes are cached locally as they are
+downloaded (bounded), so later reads of those files cost nothing.
+
+Points: every committed transaction is one. A point is chosen by LSN, by
+wall-clock time (the newest transaction at or before it), or by a snapshot
+name (snapshots/<name>.json holds an LSN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vaultsync import segment as seg
+from vaultsync.catalog import Catalog, StoredChunk
+from vaultsync.chunks import Codec
+from vaultsync.crypto import VolumeKeys
+from vaultsync.errors import FormatError, VaultsyncError, VolumeError
+from vaultsync.header import VolumeHeader
+from vaultsync.journal import Location
+from vaultsync.layout import contiguous_end, parse_segment_key, parse_tail_key, tail_prefix
+from vaultsync.objectstore import ObjectStore
+from vaultsync.targets import read_remote_header
+from vaultsync.txn import Transaction
+
+
+class PointError(VaultsyncError):
+    pass
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """What `--at` asked for: an LSN, a time (ns since the epoch), a snapshot, or the newest."""
+
+    lsn: int | None = None
+    time_ns: int | None = None
+    snapshot: str | None = None
+
+    def describe(self) -> str:
+        if self.lsn is not None:
+            return f"LSN {self.lsn}"
+        if self.time_ns is not None:
+            return datetime.fromtimestamp(self.time_ns / 1e9, UTC).isoformat()
+        if self.snapshot is not None:
+            return f"snapshot {self.snapshot!r}"
+        return "the newest point"
+
+
+def parse_point(text: str | None) -> PointSpec:
+    """`--at` value: empty/"latest", an integer LSN, an ISO-8601 time, or a snapshot name."""
+    if text is None or text in ("", "latest", "now"):
+        return PointSpec()
+    if re.fullmatch(r"\d+", text):
+        return PointSpec(lsn=int(text))
+    if text.startswith("lsn:"):
+        return PointSpec(lsn=int(text[4:]))
+    if text.startswith("snapshot:"):
+        return PointSpec(snapshot=text[9:])
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return PointSpec(snapshot=text)
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # a local time, as the user at the terminal means it
+    return PointSpec(time_ns=int(dt.timestamp() * 1e9))
+
+
+@dataclass
+class Rebuilt:
+    header: VolumeHeader
+    catalog: Catalog
+    lsn: int
+    time_ns: int
+    segments: list[int] = field(default_factory=list)
+    tail: tuple[int, int] | None = None  # (segno, bytes) of tail pieces used
+
+
+def _snapshot_key(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        raise PointError(
+            f"snapshot name {name!r} is invalid: use letters, digits, '.', '_' and '-'"
+        )
+    return f"snapshots/{name}.json"
+
+
+async def snapshot_lsn(store: ObjectStore, name: str) -> int:
+    key = _snapshot_key(name)
+    if await store.head(key) is None:
+        known = [o.key[len("snapshots/") : -5] async for o in store.list("snapshots/")]
+        raise PointError(
+            f"no snapshot named {name!r} at target {store.name!r} "
+            f"(snapshots: {', '.join(known) or 'none'})"
+        )
+    try:
+        return int(json.loads(await store.get(key))["lsn"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"target {store.name!r}: {key} is malformed ({e})") from None
+
+
+class SegmentCache:
+    """Downloaded segment bytes on local disk, bounded; the oldest are dropped first."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        self.dir = directory
+        self.limit = limit
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, segno: int) -> Path:
+        return self.dir / f"{segno:016x}.seg"
+
+    def put(self, segno: int, data: bytes) -> None:
+        tmp = self.path(segno).with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(self.path(segno))
+        files = sorted(self.dir.glob("*.seg"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        while files and total > self.limit:
+            victim = files.pop(0)
+            total -= victim.stat().st_size
+            victim.unlink(missing_ok=True)
+
+    def read(self, loc: Location) -> bytes | None:
+        try:
+            with self.path(loc.segno).open("rb") as f:
+                f.seek(loc.offset)
+                data = f.read(loc.length)
+        except OSError:
+            return None
+        return data if len(data) == loc.length else None
+
+
+async def rebuild(
+    store: ObjectStore,
+    state_dir: Path,
+    passphrase: str | None,
+    point: PointSpec,
+    cache: SegmentCache,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Rebuilt, VolumeKeys | None]:
+    """A fresh catalog in `state_dir` holding the volume as of `point`, from `store` alone."""
+    header = await read_remote_header(store)
+    if header is None:
+        raise VolumeError(
+            f"target {store.name!r} holds no vaultsync volume ({store.where}); "
+            "check the bucket and prefix"
+        )
+    keys = header.unlock(passphrase)
+    codec = Codec(header.compression_level, keys)
+    stop_lsn = point.lsn
+    if point.snapshot is not None:
+        stop_lsn = await snapshot_lsn(store, point.snapshot)
+    found = [parse_segment_key(o.key) async for o in store.list("segments/")]
+    segnos = sorted(n for n in found if n is not None)
+    if segnos and segnos != list(range(segnos[0], segnos[0] + len(segnos))):
+        missing = sorted(set(range(segnos[0], segnos[-1] + 1)) - set(segnos))
+        raise VolumeError(
+            f"target {store.name!r} is missing segment(s) {missing[:5]}; run `vaultsync verify` "
+            "at the writer, or recover from another target"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cat_path = state_dir / "catalog.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(cat_path) + suffix).unlink(missing_ok=True)
+    catalog = Catalog.open(cat_path)
+    result = Rebuilt(header, catalog, 0, 0)
+    first_time: int | None = None
+
+    def apply_segment(segno: int, data: bytes, complete: bool) -> bool:
+        """Apply what the point admits; False once past it."""
+        nonlocal first_time
+        where = f"target {store.name!r} segment {segno}"
+        scan = seg.scan_segment(data, where)
+        if scan.header.volume_id != header.volume_id or scan.header.segment_no != segno:
+            raise FormatError(f"{where}: belongs to another volume or position")
+        if complete and (not scan.sealed or scan.stop_reason):
+            raise FormatError(
+                f"{where}: damaged ({scan.stop_reason or 'not sealed'}); "
+                "recover from another target or run `vaultsync verify` at the writer"
+            )
+        pending: list[StoredChunk] = []
+        for off, rec in scan.records:
+            if rec.type is seg.RecordType.CHUNK:
+                pending.append(
+                    StoredChunk(rec.payload[:32], Location(segno, off, rec.size), rec.lsn)
+                )
+            elif rec.type is seg.RecordType.TXN:
+                if first_time is None:
+                    first_time = rec.time_ns
+                if stop_lsn is not None and rec.lsn > stop_lsn:
+                    return False
+                if point.time_ns is not None and rec.time_ns > point.time_ns:
+                    return False
+                catalog.apply(rec.lsn, Transaction.decode(codec.decode_txn(rec)), pending)
+                pending = []
+                result.lsn, result.time_ns = rec.lsn, rec.time_ns
+        return True
+
+    total = len(segnos)
+    fetch: asyncio.Task[bytes] | None = None
+    going = True
+    for i, segno in enumerate(segnos):
+        # Download the next segment while this one is applied.
+        data = await (fetch if fetch is not None else store.get(f"segments/{segno:016x}.seg"))
+        fetch = (
+            asyncio.ensure_future(store.get(f"segments/{segnos[i + 1]:016x}.seg"))
+            if i + 1 < total
+            else None
+        )
+        await asyncio.to_thread(cache.put, segno, data)
+        result.segments.append(segno)
+        going = await asyncio.to_thread(apply_segment, segno, data, True)
+        if progress is not None:
+            progress(i + 1, total)
+        if not going:
+            break
+    if fetch is not None:
+        fetch.cancel()
+    if going:
+        nxt = (segnos[-1] + 1) if segnos else 1
+        pieces: dict[tuple[int, int], str] = {}
+        async for o in store.list(tail_prefix(nxt)):
+            parsed = parse_tail_key(o.key)
+            if parsed and parsed[0] == nxt:
+                pieces[(parsed[1], parsed[2])] = o.key
+        end = contiguous_end(list(pieces))
+        if end > seg.HEADER_SIZE:
+            buf = bytearray()
+            for (start, stop), key in sorted(pieces.items()):
+                if start > len(buf) or stop <= len(buf):
+                    continue
+                part = await store.get(key)
+                buf += part[len(buf) - start :]
+                if len(buf) >= end:
+                    break
+            await asyncio.to_thread(cache.put, nxt, bytes(buf))
+            await asyncio.to_thread(apply_segment, nxt, bytes(buf), False)
+            result.tail = (nxt, len(buf))
+    if point.time_ns is not None and first_time is not None and point.time_ns < first_time:
+        catalog.close()
+        first = datetime.fromtimestamp(first_time / 1e9, UTC).isoformat()
+        raise PointError(f"{point.describe()} is before the first point of the volume ({first})")
+    if result.lsn == 0:
+        catalog.close()
+        raise PointError(f"target {store.name!r} holds no transaction yet")
+    if stop_lsn is not None and result.lsn < stop_lsn:
+        catalog.close()
+        raise PointError(
+            f"target {store.name!r} holds points up to LSN {result.lsn}, not {stop_lsn}"
+        )
+    return result, keys
+
+
+class RecoveredVolume:
+    """A rebuilt point, served read-only: what `FileSystem` needs from a volume, and no writes.
+
+    Chunk bytes come from the segment cache, else by ranged GET from the
+    target (then verified by id, like every read).
+    """
+
+    read_only = True
+
+    def __init__(
+        self,
+        state_dir: Path,
+        rebuilt: Rebuilt,
+        keys: VolumeKeys | None,
+        store: ObjectStore,
+        cache: SegmentCache,
+    ) -> None:
+        self.state_dir = state_dir
+        self.header = rebuilt.header
+        self.catalog = rebuilt.catalog
+        self.codec = Codec(rebuilt.header.compression_level, keys)
+        self.point = rebuilt
+        self.store = store
+        self.cache = cache
+        self.last_lsn = rebuilt.lsn
+
+    async def read_chunk(self, cid: bytes) -> bytes:
+        loc = self.catalog.chunk_location(cid)
+        if loc is None:
+            raise VolumeError(f"chunk {cid.hex()[:16]}… is not in the catalog")
+        raw = await asyncio.to_thread(self.cache.read, loc)
+        if raw is None:
+            raw = await self.store.get(
+                f"segments/{loc.segno:016x}.seg", (loc.offset, loc.offset + loc.length)
+            )
+        rec = seg.decode_record(raw, f"target {self.store.name!r} segment {loc.segno}")
+        return await asyncio.to_thread(self.codec.decode_chunk, rec, cid)
+
+    def commit_nowait(self, ops: object, chunks: object = ()) -> int:
+        from vaultsync.filesystem import FsError
+
+        raise FsError(errno.EROFS)  # a point in time is not writable
+
+    async def prepare_chunks(self, blocks: object) -> list[object]:
+        return []
+
+    async def sync(self, replicate: bool = True) -> None:
+        return None
+
+    async def maybe_seal(self, force: bool = False) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.catalog.close()
