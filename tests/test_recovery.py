@@ -171,3 +171,53 @@ def test_bad_points_are_clear_errors(
         )
         assert res.returncode == 1, res.stderr
         assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_snapshots_and_points(
+    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider
+) -> None:
+    import json
+
+    bucket = f"dr-{uuid.uuid4().hex[:12]}"
+    seaweedfs.create_bucket(bucket)
+    rclone.create_bucket(bucket)
+    a = Mount.create(tmp_path / "siteA", _targets_toml(seaweedfs, rclone, bucket))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vaultsync", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    a.start()
+    try:
+        (a.mountpoint / "f").write_bytes(b"before")
+        a.umount()
+        assert cli("snapshot", "create", str(a.config), "first").returncode == 0
+        dup = cli("snapshot", "create", str(a.config), "first")
+        assert dup.returncode == 1 and "already exists" in dup.stderr
+        bad = cli("snapshot", "create", str(a.config), "../evil")
+        assert bad.returncode == 1 and "invalid" in bad.stderr
+        a.start()
+        (a.mountpoint / "f").write_bytes(b"after")
+        a.umount()
+    finally:
+        a.cleanup()
+    snaps = json.loads(cli("snapshot", "list", str(a.config), "--json").stdout)
+    assert [(s["name"], sorted(s["targets"])) for s in snaps] == [("first", ["rc", "sw"])]
+    pts = json.loads(cli("points", str(a.config), "--json").stdout)
+    assert {p["target"] for p in pts} == {"sw", "rc"}
+    assert all(p["first_lsn"] == 1 and p["last_lsn"] > snaps[0]["lsn"] for p in pts)
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    for at, want in (("first", b"before"), (None, b"after")):
+        pm = PointMount(a.config, mp, "rc", at)
+        try:
+            assert (mp / "f").read_bytes() == want
+        finally:
+            pm.close()
+    assert cli("snapshot", "delete", str(a.config), "first").returncode == 0
+    gone = cli("snapshot", "delete", str(a.config), "first")
+    assert gone.returncode == 1 and "no snapshot named" in gone.stderr

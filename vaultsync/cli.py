@@ -160,6 +160,105 @@ def verify(
         raise typer.Exit(2)
 
 
+snapshot_app = typer.Typer(help="Named points in time, kept in the buckets until deleted.")
+app.add_typer(snapshot_app, name="snapshot")
+
+
+def _when(ns: int | None) -> str:
+    if not ns:
+        return "-"
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    config: ConfigArg,
+    name: Annotated[str, typer.Argument(help="Letters, digits, '.', '_', '-'.")],
+    lsn: Annotated[int | None, typer.Option(help="Default: the newest committed LSN.")] = None,
+) -> None:
+    """Name the volume's current point (or --lsn) at every target."""
+    from vaultsync.snapshots import create_snapshot
+
+    cfg = load_config(config)
+    doc = asyncio.run(create_snapshot(cfg, name, lsn))
+    out.print(f"snapshot {name} = LSN {doc['lsn']} at {len(cfg.targets)} target(s)")
+
+
+@snapshot_app.command("list")
+def snapshot_list(
+    config: ConfigArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Every snapshot the targets hold."""
+    from vaultsync.snapshots import list_snapshots
+
+    snaps = asyncio.run(list_snapshots(load_config(config)))
+    if as_json:
+        print(json.dumps(snaps, indent=2))
+        return
+    table = Table("name", "LSN", "created", "targets")
+    for s in snaps:
+        table.add_row(s["name"], str(s["lsn"]), _when(s["created_ns"]), ", ".join(s["targets"]))
+    out.print(table)
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(config: ConfigArg, name: str) -> None:
+    """Delete a snapshot at every target (its point may then be thinned by retention)."""
+    from vaultsync.snapshots import delete_snapshot
+
+    where = asyncio.run(delete_snapshot(load_config(config), name))
+    out.print(f"snapshot {name} deleted at {', '.join(where)}")
+
+
+@app.command()
+def points(
+    config: ConfigArg,
+    target: Annotated[str | None, typer.Option(help="Only this target.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """What each target can recover: LSN range and times (mount --from T --at X takes any)."""
+    from vaultsync.objectstore import ObjectStore, StoreError
+    from vaultsync.snapshots import target_points
+
+    cfg = load_config(config)
+    names = [target] if target else [t.name for t in cfg.targets]
+
+    async def gather() -> list[dict[str, Any]]:
+        res = []
+        for n in names:
+            try:
+                async with ObjectStore(cfg.target(n), max_attempts=2) as st:
+                    res.append(await target_points(st))
+            except StoreError as e:
+                res.append({"target": n, "error": str(e)})
+        return res
+
+    found = asyncio.run(gather())
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return
+    table = Table("target", "segments", "LSNs", "from", "to", "note")
+    for p in found:
+        if "error" in p:
+            table.add_row(p["target"], "-", "-", "-", "-", p["error"])
+        elif p["last_lsn"] is None:
+            table.add_row(p["target"], "0", "-", "-", "-", "nothing shipped yet")
+        else:
+            note = f"+ {p['open_tail_pieces']} tail piece(s)" if p["open_tail_pieces"] else ""
+            table.add_row(
+                p["target"],
+                str(p["segments"]),
+                f"{p['first_lsn']}..{p['last_lsn']}",
+                _when(p["first_time_ns"]),
+                _when(p["last_time_ns"]),
+                note,
+            )
+    out.print(table)
+
+
 @app.command()
 def demo(
     directory: Annotated[

@@ -31,6 +31,7 @@ from vaultsync.header import VolumeHeader
 from vaultsync.journal import Location
 from vaultsync.layout import contiguous_end, parse_segment_key, parse_tail_key, tail_prefix
 from vaultsync.objectstore import ObjectStore
+from vaultsync.snapshots import snapshot_key
 from vaultsync.targets import read_remote_header
 from vaultsync.txn import Transaction
 
@@ -86,16 +87,8 @@ class Rebuilt:
     tail: tuple[int, int] | None = None  # (segno, bytes) of tail pieces used
 
 
-def _snapshot_key(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
-        raise PointError(
-            f"snapshot name {name!r} is invalid: use letters, digits, '.', '_' and '-'"
-        )
-    return f"snapshots/{name}.json"
-
-
 async def snapshot_lsn(store: ObjectStore, name: str) -> int:
-    key = _snapshot_key(name)
+    key = snapshot_key(name)
     if await store.head(key) is None:
         known = [o.key[len("snapshots/") : -5] async for o in store.list("snapshots/")]
         raise PointError(
