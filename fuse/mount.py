@@ -192,6 +192,8 @@ async def _serve(
             await keeper
         try:
             await fs.flush_all()
+            # The kernel has let go of everything: unlinked-but-referenced inodes can go.
+            fs.drop_orphans()
             await vol.maybe_seal(force=True)
             await repl.drain()
         finally:

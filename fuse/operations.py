@@ -55,6 +55,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     def __init__(self, fs: FileSystem) -> None:
         super().__init__()
         self.fs = fs
+        # The writeback cache makes the kernel the owner of regular files' mtime/ctime.
+        fs.kernel_cmtime = self.enable_writeback_cache
 
     def attrs(self, i: Inode) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -76,9 +78,14 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return e
 
     # -- names ------------------------------------------------------------------------
+    def entry(self, i: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands the kernel a reference (its lookup count)."""
+        self.fs.remember(i.ino)
+        return self.attrs(i)
+
     @_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        return self.attrs(self.fs.lookup(parent_inode, name))
+        return self.entry(self.fs.lookup(parent_inode, name))
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
@@ -105,11 +112,11 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        return self.attrs(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+        return self.entry(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
-        return self.attrs(self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self.entry(self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -121,7 +128,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        return self.attrs(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        return self.entry(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errors
     async def rename(
@@ -137,7 +144,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
-        return self.attrs(self.fs.link(inode, new_parent_inode, new_name))
+        return self.entry(self.fs.link(inode, new_parent_inode, new_name))
 
     # -- files ----------------------------------------------------------------------------
     @_errors
@@ -151,7 +158,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         i = self.fs.mknod(parent_inode, name, stat.S_IFREG | (mode & 0o7777), 0, ctx.uid, ctx.gid)
         self.fs.open(i.ino)
-        return pyfuse3.FileInfo(fh=i.ino), self.attrs(i)
+        return pyfuse3.FileInfo(fh=i.ino), self.entry(i)
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -193,6 +200,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             for name, i, next_off in entries:
                 if not pyfuse3.readdir_reply(token, name, self.attrs(i), next_off):
                     return
+                if name not in (b".", b".."):  # readdirplus: the kernel now holds it
+                    self.fs.remember(i.ino)
                 offset = next_off
 
     @_errors
@@ -239,4 +248,10 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.fs.removexattr(inode, name)
 
     async def forget(self, inode_list: Any) -> None:
-        return None
+        # Must not raise: no request to answer. An unlinked inode the kernel no longer
+        # knows (and nobody has open) is dropped here.
+        for ino, n in inode_list:
+            try:
+                self.fs.forget(ino, n)
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, n)

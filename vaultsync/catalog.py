@@ -110,6 +110,9 @@ class Catalog:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self._last_lsn = 0
+        # The highest inode number ever used, kept even when that inode is gone, so
+        # numbers are never reused across mounts (a stale kernel handle stays stale).
+        self._max_ino = 0
 
     @classmethod
     def open(cls, path: Path) -> Catalog:
@@ -122,6 +125,7 @@ class Catalog:
         if cat.get_meta("schema_version") is None:
             cat.set_meta("schema_version", SCHEMA_VERSION)
         cat._last_lsn = int(cat.get_meta("last_lsn") or 0)
+        cat._max_ino = int(cat.get_meta("max_ino") or 0)
         return cat
 
     def close(self) -> None:
@@ -160,8 +164,13 @@ class Catalog:
                     for c in chunks
                 ],
             )
+            top = self._max_ino
             for op in txn.ops:
                 self._apply_op(op)
+                if isinstance(op, SetInode) and op.ino > top:
+                    top = op.ino
+            if top > self._max_ino:
+                self.set_meta("max_ino", top)
             self.db.execute(
                 "INSERT INTO meta(key, value) VALUES('last_lsn', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -172,6 +181,7 @@ class Catalog:
             self.db.execute("ROLLBACK")
             raise
         self._last_lsn = lsn
+        self._max_ino = max(self._max_ino, top)
 
     def _apply_op(self, op: Op) -> None:
         x = self.db.execute
@@ -340,7 +350,7 @@ class Catalog:
 
     def max_ino(self) -> int:
         row = self._one("SELECT coalesce(max(ino), 0) FROM inodes")
-        return int(row[0]) if row else 0
+        return max(int(row[0]) if row else 0, self._max_ino)
 
     def orphans(self) -> list[int]:
         """Inodes with no link left: open-but-unlinked files whose last close never came."""

@@ -25,6 +25,10 @@ class FileData:
         self.ctime_ns = 0
         self.dirty_since = 0.0
         self.size_dirty = False
+        # Bumped whenever a block's stored content may change under a reader (a flush
+        # took the dirty blocks, a truncate cut them): a write that loaded a block's base
+        # before such a change must load it again, or it would resurrect old bytes.
+        self.epoch = 0
 
     @property
     def dirty(self) -> bool:
@@ -59,11 +63,13 @@ class FileData:
         buf[offset : offset + len(data)] = data
         return len(buf) - before
 
-    def extend_to(self, end: int, now_ns: int) -> None:
+    def extend_to(self, end: int, now_ns: int | None) -> None:
+        """A write ended at `end`; `now_ns` stamps mtime and ctime (None: the kernel does)."""
         if end > self.size:
             self.size = end
         self.size_dirty = True
-        self.mtime_ns = self.ctime_ns = now_ns
+        if now_ns is not None:
+            self.mtime_ns = self.ctime_ns = now_ns
         if not self.dirty_since:
             self.dirty_since = time.monotonic()
 
@@ -71,6 +77,7 @@ class FileData:
         """Snapshot the dirty blocks for a flush; they stay readable as in flight."""
         snap = {b: bytes(buf) for b, buf in self.blocks.items()}
         self.blocks = {}
+        self.epoch += 1
         self.inflight.update(snap)
         self.size_dirty = False
         self.dirty_since = 0.0
@@ -81,9 +88,29 @@ class FileData:
             if self.inflight.get(b) is data:
                 del self.inflight[b]
 
-    def truncated(self, size: int, now_ns: int) -> None:
+    def flush_failed(self, snap: dict[int, bytes]) -> int:
+        """A flush that did not commit: its blocks are dirty again; returns bytes re-added.
+
+        A block written again since the snapshot was taken already holds the newer
+        bytes on top of the snapshot's, so only the others come back.
+        """
+        added = 0
+        for b, data in snap.items():
+            if self.inflight.get(b) is data:
+                del self.inflight[b]
+                if b not in self.blocks:
+                    self.blocks[b] = bytearray(data)
+                    added += len(data)
+        self.size_dirty = True
+        if not self.dirty_since:
+            self.dirty_since = time.monotonic()
+        self.epoch += 1
+        return added
+
+    def truncated(self, size: int) -> None:
         """The catalog was just truncated to `size` (after a flush): drop what lies beyond."""
         bs = self.block_size
+        self.epoch += 1
         for table in (self.blocks, self.inflight):
             for b in [b for b in table if b * bs >= size]:
                 del table[b]
@@ -95,4 +122,3 @@ class FileData:
         if last in self.inflight and len(self.inflight[last]) > size % bs:
             self.inflight[last] = self.inflight[last][: size % bs]
         self.size = self.stored_size = size
-        self.mtime_ns = self.ctime_ns = now_ns

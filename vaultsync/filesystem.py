@@ -8,8 +8,11 @@ on flush, fsync, a timer, or memory pressure.
 Invariants kept here:
 
 - Every inode in the catalog with nlink > 0 is named by at least one entry;
-  an inode with nlink == 0 exists only while it is open (`_open`), and is
-  dropped at its last release, or at the next mount if the process died.
+  an inode with nlink == 0 (a file or directory removed while in use) exists
+  only while it is open (`_open`) or the kernel still knows it (`_lookups`, the
+  FUSE lookup count), and is dropped when both are gone, or at the next mount
+  if the process died. An open directory or a process's removed cwd must still
+  answer fstat, as on any Linux filesystem.
 - A directory's nlink is 2 plus its number of subdirectories.
 - Catalog attributes plus the dirty overlay in `FileData` are the truth for
   getattr: size and times of a file with unflushed writes live in its buffer.
@@ -24,6 +27,7 @@ import errno
 import os
 import stat
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -46,6 +50,7 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 # Linux's "." and ".." readdir offsets; entries follow at their dirent id + 2.
@@ -80,6 +85,16 @@ def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FsError(errno.ENAMETOOLONG)
     if not name or b"/" in name or name in (b".", b".."):
+        raise FsError(errno.EINVAL)
+
+
+def _check_xattr_name(name: bytes) -> None:
+    """Linux's namespaces only, as ext4 and tmpfs answer: anything else is EOPNOTSUPP."""
+    if not name or len(name) > XATTR_NAME_MAX:
+        raise FsError(errno.ERANGE)
+    if not name.startswith(XATTR_NAMESPACES):
+        raise FsError(errno.EOPNOTSUPP)
+    if name in XATTR_NAMESPACES:
         raise FsError(errno.EINVAL)
 
 
@@ -125,8 +140,15 @@ class FileSystem:
         self.files: dict[int, FileData] = {}
         self.dirty_bytes = 0
         self._open: dict[int, int] = {}  # ino -> open handles
-        self._locks: dict[int, asyncio.Lock] = {}
+        self._lookups: dict[int, int] = {}  # ino -> the kernel's lookup count
+        # Weak: a lock lives as long as someone holds or awaits it, then goes by itself.
+        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._next_ino = max(self.cat.max_ino(), ROOT_INO) + 1
+        # With the kernel's writeback cache, the kernel owns a regular file's mtime and
+        # ctime: it stamps them on write() and O_TRUNC with its own (coarse) clock and
+        # sends them in a setattr. Stamping them here as well, with another clock, would
+        # make a file's times change across a remount. The FUSE adapter sets this.
+        self.kernel_cmtime = False
 
     # -- startup -----------------------------------------------------------------
     def drop_orphans(self) -> int:
@@ -161,6 +183,13 @@ class FileSystem:
             raise FsError(errno.ENOTDIR)
         return i
 
+    def _live_dir(self, ino: int) -> Inode:
+        """A directory that may get new entries: not one removed while in use."""
+        i = self._dir(ino)
+        if i.nlink == 0:
+            raise FsError(errno.ENOENT)
+        return i
+
     def lookup(self, parent: int, name: bytes) -> Inode:
         if name == b".":
             return self.getattr(parent)
@@ -187,7 +216,7 @@ class FileSystem:
         target: bytes | None = None,
     ) -> Inode:
         _check_name(name)
-        p = self._dir(parent)
+        p = self._live_dir(parent)
         if self.cat.lookup(parent, name) is not None:
             raise FsError(errno.EEXIST)
         now = time.time_ns()
@@ -241,27 +270,50 @@ class FileSystem:
         i = self._inode(ino)
         if stat.S_ISDIR(i.mode):
             raise FsError(errno.EPERM)
-        p = self._dir(parent)
+        p = self._live_dir(parent)
         if self.cat.lookup(parent, name) is not None:
             raise FsError(errno.EEXIST)
         if i.nlink == 0:
             raise FsError(errno.ENOENT)
         now = time.time_ns()
-        i = replace(self.getattr(ino), nlink=i.nlink + 1, ctime_ns=now)
+        i = replace(i, nlink=i.nlink + 1, ctime_ns=now)
         p = replace(p, mtime_ns=now, ctime_ns=now)
         self.vol.commit_nowait([SetDirent(parent, name, ino), _set_inode(i), _set_inode(p)])
-        return i
+        return self.getattr(ino)
+
+    # -- the kernel's references -----------------------------------------------------
+    def remember(self, ino: int, n: int = 1) -> None:
+        """The kernel was handed this inode (lookup, create, readdirplus...)."""
+        self._lookups[ino] = self._lookups.get(ino, 0) + n
+
+    def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped `n` references; an unlinked inode nobody uses goes now."""
+        left = self._lookups.get(ino, 0) - n
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        self._drop_if_unused(ino)
+
+    def _in_use(self, ino: int) -> bool:
+        return self._open.get(ino, 0) > 0 or self._lookups.get(ino, 0) > 0
+
+    def _drop_if_unused(self, ino: int) -> None:
+        if self._in_use(ino):
+            return
+        i = self.cat.inode(ino)
+        if i is not None and i.nlink == 0:
+            self._forget_data(ino)
+            self.vol.commit_nowait([DropInode(ino)])
 
     # -- removing -------------------------------------------------------------------
     def _unlinked(self, i: Inode, now: int) -> list[Op]:
-        """Ops for an inode that just lost one name."""
-        if stat.S_ISDIR(i.mode):
-            return [DropInode(i.ino)]
-        n = i.nlink - 1
-        if n <= 0 and self._open.get(i.ino, 0) == 0:
+        """Ops for an inode that just lost one name (a directory: its only one)."""
+        n = 0 if stat.S_ISDIR(i.mode) else i.nlink - 1
+        if n <= 0 and not self._in_use(i.ino):
             self._forget_data(i.ino)
             return [DropInode(i.ino)]
-        return [_set_inode(replace(self.getattr(i.ino), nlink=max(n, 0), ctime_ns=now))]
+        return [_set_inode(replace(i, nlink=max(n, 0), ctime_ns=now))]
 
     def unlink(self, parent: int, name: bytes) -> None:
         p = self._dir(parent)
@@ -291,7 +343,7 @@ class FileSystem:
             raise FsError(errno.ENOTEMPTY)
         now = time.time_ns()
         p = replace(p, mtime_ns=now, ctime_ns=now, nlink=p.nlink - 1)
-        self.vol.commit_nowait([DropDirent(parent, name), DropInode(ino), _set_inode(p)])
+        self.vol.commit_nowait([DropDirent(parent, name), *self._unlinked(i, now), _set_inode(p)])
 
     def _is_ancestor(self, ancestor: int, ino: int) -> bool:
         """Is `ancestor` the directory `ino` or above it?"""
@@ -312,7 +364,7 @@ class FileSystem:
         ):
             raise FsError(errno.EINVAL)
         _check_name(n2)
-        d1, d2 = self._dir(p1), self._dir(p2)
+        d1, d2 = self._dir(p1), self._live_dir(p2)
         src_ino = self.cat.lookup(p1, n1)
         if src_ino is None:
             raise FsError(errno.ENOENT)
@@ -338,8 +390,8 @@ class FileSystem:
                 nlink_delta[p1] += int(dst_dir) - int(src_dir)
                 nlink_delta[p2] += int(src_dir) - int(dst_dir)
             ops += [
-                _set_inode(replace(self.getattr(src_ino), ctime_ns=now)),
-                _set_inode(replace(self.getattr(dst.ino), ctime_ns=now)),
+                _set_inode(replace(src, ctime_ns=now)),
+                _set_inode(replace(dst, ctime_ns=now)),
             ]
         else:
             if dst is not None:
@@ -361,7 +413,7 @@ class FileSystem:
             if src_dir:
                 nlink_delta[p1] -= 1
                 nlink_delta[p2] += 1
-            ops.append(_set_inode(replace(self.getattr(src_ino), ctime_ns=now)))
+            ops.append(_set_inode(replace(src, ctime_ns=now)))
         del d1, d2
         for pino, delta in nlink_delta.items():
             d = self._inode(pino)
@@ -398,16 +450,24 @@ class FileSystem:
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
     ) -> Inode:
+        """Change attributes; times the caller gives win (the kernel sends its own).
+
+        What is committed is the catalog's inode, not the dirty overlay: a size that
+        only unflushed writes reached must not be made to stick with zeros in it.
+        """
         now = time.time_ns()
+        i = self._inode(ino)
         if size is not None:
-            i = self._inode(ino)
             if stat.S_ISDIR(i.mode):
                 raise FsError(errno.EISDIR)
             if not stat.S_ISREG(i.mode):
                 raise FsError(errno.EINVAL)
-            await self._truncate(ino, size, now)
-        i = self.getattr(ino)
-        changed = size is not None
+            await self._truncate(ino, size)
+            if not self.kernel_cmtime:
+                mtime_ns = now if mtime_ns is None else mtime_ns
+                ctime_ns = now if ctime_ns is None else ctime_ns
+            i = self._inode(ino)
+        changed = False
         if mode is not None:
             i = replace(i, mode=stat.S_IFMT(i.mode) | (mode & 0o7777))
             changed = True
@@ -419,17 +479,26 @@ class FileSystem:
             changed = True
         if mtime_ns is not None:
             i = replace(i, mtime_ns=mtime_ns)
-            fd = self.files.get(ino)
-            if fd is not None:
-                fd.mtime_ns = mtime_ns
+            changed = True
+        if changed and ctime_ns is None:
+            ctime_ns = now
+        if ctime_ns is not None:
+            i = replace(i, ctime_ns=ctime_ns)
             changed = True
         if changed:
-            i = replace(i, ctime_ns=ctime_ns if ctime_ns is not None else now)
+            fd = self.files.get(ino)
+            if fd is not None:
+                # The overlay's times are older than these: they must not win at flush.
+                if mtime_ns is not None:
+                    fd.mtime_ns = mtime_ns
+                if ctime_ns is not None:
+                    fd.ctime_ns = ctime_ns
             self.vol.commit_nowait([_set_inode(i)])
-        return i
+        return self.getattr(ino)
 
     # -- extended attributes -------------------------------------------------------------
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        _check_xattr_name(name)
         self._inode(ino)
         v = self.cat.xattr(ino, name)
         if v is None:
@@ -441,8 +510,7 @@ class FileSystem:
         return sorted(self.cat.xattrs(ino))
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        if not name or len(name) > XATTR_NAME_MAX:
-            raise FsError(errno.ERANGE)
+        _check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
         i = self._inode(ino)
@@ -451,14 +519,15 @@ class FileSystem:
             raise FsError(errno.EEXIST)
         if flags & XATTR_REPLACE and not exists:
             raise FsError(errno.ENODATA)
-        i = replace(self.getattr(ino), ctime_ns=time.time_ns())
+        i = replace(i, ctime_ns=time.time_ns())
         self.vol.commit_nowait([SetXattr(ino, name, value), _set_inode(i)])
 
     def removexattr(self, ino: int, name: bytes) -> None:
-        self._inode(ino)
+        _check_xattr_name(name)
+        i = self._inode(ino)
         if self.cat.xattr(ino, name) is None:
             raise FsError(errno.ENODATA)
-        i = replace(self.getattr(ino), ctime_ns=time.time_ns())
+        i = replace(i, ctime_ns=time.time_ns())
         self.vol.commit_nowait([SetXattr(ino, name, None), _set_inode(i)])
 
     # -- statfs ----------------------------------------------------------------------
@@ -495,10 +564,10 @@ class FileSystem:
         self._open.pop(ino, None)
         i = self.cat.inode(ino)
         if i is not None and i.nlink == 0:
-            self._forget_data(ino)
-            self.vol.commit_nowait([DropInode(ino)])
+            self._drop_if_unused(ino)
         else:
             await self.flush(ino)
+            self._drop_if_clean(ino)
 
     # -- file contents ------------------------------------------------------------------
     def _lock(self, ino: int) -> asyncio.Lock:
@@ -575,17 +644,23 @@ class FileSystem:
         while view:
             b, inner = divmod(pos, bs)
             take = min(bs - inner, len(view))
-            if not fd.has_dirty(b):
-                covers_all = inner == 0 and take == bs
-                base = b"" if covers_all or b * bs >= fd.stored_size else await self._block(ino, b)
-                fd = self._data(ino)  # it may have been flushed and dropped meanwhile
-                if not fd.has_dirty(b):
-                    self.dirty_bytes += fd.start_block(b, base)
+            covers_all = inner == 0 and take == bs
+            while not fd.has_dirty(b):
+                epoch = fd.epoch
+                if covers_all or b * bs >= fd.stored_size:
+                    base = b""
+                else:
+                    base = await self._block(ino, b)
+                cur = self._data(ino)  # it may have been flushed and dropped meanwhile
+                if cur is fd and fd.epoch == epoch:
+                    if not fd.has_dirty(b):
+                        self.dirty_bytes += fd.start_block(b, base)
+                    break
+                fd = cur  # a flush or truncate ran while we read: `base` may be stale
             self.dirty_bytes += fd.patch(b, inner, view[:take])
             pos += take
             view = view[take:]
-        now = time.time_ns()
-        fd.extend_to(offset + len(data), now)
+        fd.extend_to(offset + len(data), None if self.kernel_cmtime else time.time_ns())
         if self.dirty_bytes > self.dirty_limit:
             await self.flush_some()
         return len(data)
@@ -593,36 +668,54 @@ class FileSystem:
     async def flush(self, ino: int) -> None:
         """Commit the file's dirty blocks and size (not durable: see fsync)."""
         fd = self.files.get(ino)
-        if fd is None or not fd.dirty:
+        # Blocks in flight belong to a flush that has not committed yet: wait for it
+        # (via the lock), or an fsync could return before that data is in the journal.
+        if fd is None or (not fd.dirty and not fd.inflight):
             return
         async with self._lock(ino):
             fd = self.files.get(ino)
             if fd is None or not fd.dirty:
                 return
             snap = fd.take_dirty()
+            # The size these blocks make: writes that land while we encode are not in
+            # the snapshot, and committing their size now would expose zeros after a crash.
+            size = fd.size
             self.dirty_bytes -= sum(len(v) for v in snap.values())
+            committed = False
             try:
                 prepared = await self.vol.prepare_chunks(list(snap.values()))
                 i = self.cat.inode(ino)
                 if i is None:
-                    return  # unlinked and released meanwhile
+                    committed = True  # unlinked and released meanwhile: nothing to keep
+                    return
                 blocks = tuple(
                     (b, p.id.hex(), p.length) for b, p in zip(snap, prepared, strict=True)
                 )
                 i = replace(
                     i,
-                    size=fd.size,
+                    size=size,
                     mtime_ns=fd.mtime_ns or i.mtime_ns,
                     ctime_ns=max(fd.ctime_ns, i.ctime_ns),
                 )
                 self.vol.commit_nowait([SetBlocks(ino, blocks), _set_inode(i)], prepared)
-                fd.stored_size = fd.size
+                committed = True
+                fd.stored_size = size
             finally:
-                fd.done_flushing(snap)
-                if not fd.dirty and not fd.inflight and self._open.get(ino, 0) == 0:
-                    self.files.pop(ino, None)
+                if committed:
+                    fd.done_flushing(snap)
+                else:  # keep the data readable and dirty: a later flush retries it
+                    self.dirty_bytes += fd.flush_failed(snap)
+                self._drop_if_clean(ino)
 
-    async def _truncate(self, ino: int, size: int, now: int) -> None:
+    def _drop_if_clean(self, ino: int) -> None:
+        """Forget a closed file's buffer once nothing in it is unflushed."""
+        fd = self.files.get(ino)
+        if fd is None or fd.dirty or fd.inflight or self._open.get(ino, 0):
+            return
+        del self.files[ino]
+
+    async def _truncate(self, ino: int, size: int) -> None:
+        """Cut or extend the stored file to `size`; times are the caller's business."""
         await self.flush(ino)
         async with self._lock(ino):
             i = self._inode(ino)
@@ -641,11 +734,13 @@ class FileSystem:
             else:
                 prepared = []
             i = self._inode(ino)
-            ops.append(_set_inode(replace(i, size=size, mtime_ns=now, ctime_ns=now)))
+            ops.append(_set_inode(replace(i, size=size)))
             self.vol.commit_nowait(ops, prepared)
             fd = self.files.get(ino)
             if fd is not None:
-                fd.truncated(size, now)
+                before = fd.dirty_bytes
+                fd.truncated(size)
+                self.dirty_bytes -= before - fd.dirty_bytes
 
     async def fsync(self, ino: int) -> None:
         await self.flush(ino)
@@ -678,4 +773,4 @@ class FileSystem:
             return
         now = time.time_ns()
         if i.atime_ns <= i.mtime_ns or i.atime_ns <= i.ctime_ns or now - i.atime_ns > 86400e9:
-            self.vol.commit_nowait([_set_inode(replace(self.getattr(ino), atime_ns=now))])
+            self.vol.commit_nowait([_set_inode(replace(i, atime_ns=now))])
