@@ -1,0 +1,263 @@
+"""`vaultsync restore`: copy a file or tree, as it was at a point, out of a target.
+
+The point is rebuilt from the target (recovery.py) and read in-process through
+`FileSystem`, so restore needs no mount and no root. Files are written to a
+temporary name and renamed into place when complete, with modes, owners (when
+run as root), times and xattrs set after the data; hard links are recreated
+as links. A file already at DEST with the same size and mtime is skipped,
+which is what makes an interrupted restore resumable. Anything else already
+at DEST is refused unless `force`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from vaultsync.catalog import Inode
+from vaultsync.config import Config
+from vaultsync.errors import VaultsyncError
+from vaultsync.filesystem import FileSystem, FsError
+from vaultsync.objectstore import ObjectStore
+from vaultsync.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
+from vaultsync.volume import ROOT_INO
+
+READ_SIZE = 4 << 20
+
+
+class RestoreError(VaultsyncError):
+    pass
+
+
+@dataclass
+class RestoreReport:
+    lsn: int = 0
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    symlinks: int = 0
+    special: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _resolve(fs: FileSystem, path: str) -> Inode:
+    """The inode at `path` in the volume; '..' never climbs above the root."""
+    ino = ROOT_INO
+    node = fs.getattr(ino)
+    for part in PurePosixPath("/" + path).parts[1:]:
+        if part in (".", ""):
+            continue
+        try:
+            node = fs.lookup(ino, os.fsencode(part))
+        except FsError as e:
+            why = os.strerror(e.errno)
+            raise RestoreError(f"{path!r} does not exist at that point ({why})") from None
+        ino = node.ino
+    return node
+
+
+def _set_meta(path: Path, node: Inode, xattrs: dict[bytes, bytes], symlink: bool) -> None:
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            os.chown(path, node.uid, node.gid, follow_symlinks=not symlink)
+    if not symlink:
+        os.chmod(path, stat.S_IMODE(node.mode))
+    for name, value in xattrs.items():
+        with contextlib.suppress(OSError):  # e.g. a DEST filesystem without xattrs
+            os.setxattr(path, name, value, follow_symlinks=not symlink)
+    os.utime(path, ns=(node.atime_ns, node.mtime_ns), follow_symlinks=not symlink)
+
+
+class _Restorer:
+    def __init__(
+        self, fs: FileSystem, force: bool, parallel: int, progress: Callable[[int], None] | None
+    ) -> None:
+        self.fs = fs
+        self.force = force
+        self.sem = asyncio.Semaphore(parallel)
+        self.progress = progress
+        self.report = RestoreReport()
+        # ino -> (first path restored, set once it is in place): hard links link to it
+        self.linked: dict[int, tuple[Path, asyncio.Event]] = {}
+        self.dir_meta: list[tuple[Path, Inode, dict[bytes, bytes]]] = []
+
+    def _check_free(self, dest: Path, node: Inode) -> bool:
+        """True to write `dest`; False to skip it (already restored)."""
+        try:
+            st = os.lstat(dest)
+        except FileNotFoundError:
+            return True
+        if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(node.mode):
+            return True
+        if (
+            stat.S_ISREG(st.st_mode)
+            and stat.S_ISREG(node.mode)
+            and st.st_size == node.size
+            and st.st_mtime_ns == node.mtime_ns
+        ):
+            return False
+        if (
+            stat.S_ISLNK(st.st_mode)
+            and stat.S_ISLNK(node.mode)
+            and os.fsencode(os.readlink(dest)) == self.fs.readlink(node.ino)
+        ):
+            return False
+        if stat.S_IFMT(st.st_mode) == stat.S_IFMT(node.mode) and not stat.S_ISREG(node.mode):
+            return False  # the same fifo or device node
+        if not self.force:
+            raise RestoreError(
+                f"{dest} already exists and differs from the restored version; "
+                "use --force to overwrite, or restore somewhere else"
+            )
+        if stat.S_ISDIR(st.st_mode):
+            raise RestoreError(f"{dest} is a directory; it will not be replaced by a file")
+        dest.unlink()
+        return True
+
+    async def file(self, node: Inode, dest: Path) -> None:
+        first = self.linked.get(node.ino)
+        if first is not None:
+            await first[1].wait()
+            with contextlib.suppress(OSError):
+                if os.path.samefile(dest, first[0]):
+                    return  # restored by an earlier run
+            if self._check_free(dest, node):
+                os.link(first[0], dest)
+                self.report.links += 1
+            return
+        done = asyncio.Event()
+        self.linked[node.ino] = (dest, done)
+        try:
+            await self._copy(node, dest)
+        finally:
+            done.set()
+
+    async def _copy(self, node: Inode, dest: Path) -> None:
+        async with self.sem:
+            if not self._check_free(dest, node):
+                self.report.skipped += 1
+                return
+            fd, tmp = tempfile.mkstemp(prefix=".vsrestore-", dir=dest.parent)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    off = 0
+                    while off < node.size:
+                        data = await self.fs.read(node.ino, off, READ_SIZE)
+                        if not data:
+                            break
+                        out.write(data)
+                        off += len(data)
+                        self.report.bytes += len(data)
+                        if self.progress is not None:
+                            self.progress(len(data))
+                    out.truncate(node.size)  # a sparse tail
+                _set_meta(Path(tmp), node, self._xattrs(node.ino), False)
+                os.replace(tmp, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self.report.files += 1
+
+    def _xattrs(self, ino: int) -> dict[bytes, bytes]:
+        return {n: self.fs.getxattr(ino, n) for n in self.fs.listxattr(ino)}
+
+    async def tree(self, node: Inode, dest: Path) -> None:
+        if stat.S_ISDIR(node.mode):
+            if self._check_free(dest, node):
+                dest.mkdir(exist_ok=True)
+            self.report.dirs += 1
+            tasks = []
+            offset = 0
+            while True:
+                entries = self.fs.readdir(node.ino, offset)
+                if not entries:
+                    break
+                for name, child, nxt in entries:
+                    offset = nxt
+                    if name in (b".", b".."):
+                        continue
+                    tasks.append(self.tree(child, dest / os.fsdecode(name)))
+            await asyncio.gather(*tasks)
+            # Directory times last: writing inside a directory changes its mtime.
+            self.dir_meta.append((dest, node, self._xattrs(node.ino)))
+        elif stat.S_ISREG(node.mode):
+            await self.file(node, dest)
+        elif stat.S_ISLNK(node.mode):
+            if self._check_free(dest, node):
+                os.symlink(self.fs.readlink(node.ino), dest)
+                _set_meta(dest, node, self._xattrs(node.ino), True)
+                self.report.symlinks += 1
+        else:
+            if self._check_free(dest, node):
+                try:
+                    os.mknod(dest, node.mode, node.rdev)
+                    _set_meta(dest, node, self._xattrs(node.ino), False)
+                    self.report.special += 1
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.EACCES):
+                        raise
+                    self.report.errors.append(f"{dest}: cannot create device node (not root)")
+
+
+async def restore(
+    cfg: Config,
+    target: str,
+    at: str | None,
+    path: str,
+    dest: Path,
+    passphrase: str | None,
+    *,
+    force: bool = False,
+    parallel: int = 8,
+    progress: Callable[[int], None] | None = None,
+    total: Callable[[int], None] | None = None,
+) -> RestoreReport:
+    point = parse_point(at)
+    with tempfile.TemporaryDirectory(prefix="vaultsync-restore-") as tmp:
+        async with ObjectStore(cfg.target(target)) as store:
+            cache = SegmentCache(Path(tmp) / "segments", 2 << 30)
+            rebuilt, keys = await rebuild(store, Path(tmp), passphrase, point, cache)
+            vol = RecoveredVolume(Path(tmp), rebuilt, keys, store, cache)
+            try:
+                fs = FileSystem(vol)  # type: ignore[arg-type]
+                node = _resolve(fs, path)
+                if total is not None:
+                    total(_tree_bytes(fs, node))
+                r = _Restorer(fs, force, parallel, progress)
+                r.report.lsn = rebuilt.lsn
+                dest = dest.resolve()
+                if stat.S_ISDIR(node.mode) or not dest.is_dir():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    out = dest
+                else:
+                    out = dest / PurePosixPath(path).name
+                await r.tree(node, out)
+                for d, n, x in reversed(r.dir_meta):
+                    _set_meta(d, n, x, False)
+                return r.report
+            finally:
+                await vol.close()
+
+
+def _tree_bytes(fs: FileSystem, node: Inode) -> int:
+    if not stat.S_ISDIR(node.mode):
+        return node.size if stat.S_ISREG(node.mode) else 0
+    total, offset = 0, 0
+    while True:
+        entries = fs.readdir(node.ino, offset)
+        if not entries:
+            return total
+        for name, child, nxt in entries:
+            offset = nxt
+            if name not in (b".", b".."):
+                total += _tree_bytes(fs, child)
