@@ -59,6 +59,7 @@ class Shipper:
     # of what is durable locally, because the local fsync runs in parallel.
     requested: tuple[tuple[int, int], int] = ((0, 0), 0)
     _stopped: bool = False
+    _cleanup: set[asyncio.Future[None]] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -77,20 +78,20 @@ class Shipper:
         return self.sealed_wm + 1 == segno and self.tail_off >= size
 
     def lag(self) -> dict[str, Any]:
+        """How far behind the target is: LSNs, bytes of journal, and seconds since the
+        oldest transaction it lacks was committed."""
         segs = [
             s for s in self.vol.catalog.segments() if s["sealed"] and s["segno"] > self.sealed_wm
         ]
-        dseg, dsize = self.vol.durable_pos
-        open_bytes = max(0, dsize - (self.tail_off if dseg == self.sealed_wm + 1 else 0))
-        lag_bytes = sum(s["size"] for s in segs) + (open_bytes if dsize > 64 else 0)
+        jseg, jsize = self.vol.journal.segno, self.vol.journal.size
+        open_start = self.tail_off if jseg == self.sealed_wm + 1 else HEADER_SIZE
         lag_lsn = max(0, self.vol.last_lsn - self.acked_lsn)
-        oldest = min((s["sealed_ns"] or 0 for s in segs), default=0) / 1e9
-        if not oldest and lag_lsn:
-            oldest = time.time() - (time.monotonic() - self.vol.journal.opened_at)
+        lag_bytes = sum(s["size"] for s in segs) + max(0, jsize - max(open_start, HEADER_SIZE))
+        since = self.vol.committed_at(self.acked_lsn + 1) if lag_lsn else None
         return {
             "lag_lsn": lag_lsn,
-            "lag_bytes": lag_bytes,
-            "lag_seconds": round(max(0.0, time.time() - oldest), 3) if lag_lsn and oldest else 0.0,
+            "lag_bytes": lag_bytes if lag_lsn else 0,
+            "lag_seconds": round(max(0.0, (time.time_ns() - since) / 1e9), 3) if since else 0.0,
             "queue_segments": len(segs),
         }
 
@@ -124,15 +125,18 @@ class Shipper:
         self.tail_off = contiguous_end([p for p in pieces if p not in beyond])
 
     def _sealed_row(self, segno: int) -> dict[str, Any] | None:
-        for s in self.vol.catalog.segments():
-            if s["segno"] == segno and s["sealed"]:
-                return s
-        return None
+        return self.vol.catalog.sealed_segment(segno)
 
     def _advance_sealed(self, segno: int, last_lsn: int) -> None:
         self.sealed_wm = segno
         self.acked_lsn = max(self.acked_lsn, last_lsn)
         self.vol.catalog.set_watermark(self.name, segno, self.acked_lsn, time.time_ns())
+
+    async def _read_async(self, segno: int, start: int, end: int | None) -> bytes:
+        # A small tail is in the page cache: a thread hop would cost more than the read.
+        if end is not None and end - start <= 256 * 1024:
+            return self._read(segno, start, end)
+        return await asyncio.to_thread(self._read, segno, start, end)
 
     def _read(self, segno: int, start: int, end: int | None) -> bytes:
         with open(self.vol.journal.path(segno), "rb") as f:
@@ -144,7 +148,7 @@ class Shipper:
         nxt = self.sealed_wm + 1
         row = self._sealed_row(nxt)
         if row is not None:
-            data = await asyncio.to_thread(self._read, nxt, 0, None)
+            data = await self._read_async(nxt, 0, None)
             t0 = time.monotonic()
             await self.store.put(segment_key(nxt), data)
             self._uploaded(len(data), time.monotonic() - t0)
@@ -152,14 +156,17 @@ class Shipper:
             self._advance_sealed(nxt, row["last_lsn"] or self.acked_lsn)
             self.tail_off = 0
             if had_tail:
-                await self._drop_tails(nxt)
+                # Redundant now (format §2.2); deleting them must not hold up the next fsync.
+                task = asyncio.ensure_future(self._drop_tails(nxt))
+                self._cleanup.add(task)
+                task.add_done_callback(self._cleanup.discard)
             return True
         if self.is_sync:
             (dseg, dsize), dlsn = max((self.vol.durable_pos, self.vol.durable_lsn), self.requested)
             # A segment holding only its header says nothing yet; wait for records.
             if dseg == nxt and dsize > max(self.tail_off, HEADER_SIZE):
                 start = self.tail_off
-                data = await asyncio.to_thread(self._read, nxt, start, dsize)
+                data = await self._read_async(nxt, start, dsize)
                 t0 = time.monotonic()
                 await self.store.put(tail_key(nxt, start, dsize), data)
                 self._uploaded(len(data), time.monotonic() - t0)
@@ -171,8 +178,7 @@ class Shipper:
     async def _drop_tails(self, segno: int) -> None:
         with contextlib.suppress(StoreError):
             keys = [o.key async for o in self.store.list(tail_prefix(segno))]
-            for k in keys:
-                await self.store.delete(k)
+            await self.store.delete_many(keys)
 
     def _uploaded(self, n: int, latency: float) -> None:
         self.stats.uploaded_bytes += n

@@ -273,6 +273,15 @@ class Catalog:
             (segno, first_lsn, last_lsn, size, int(sealed_ns is not None), sealed_ns),
         )
 
+    def sealed_segment(self, segno: int) -> dict[str, Any] | None:
+        row = self._one(
+            "SELECT segno, first_lsn, last_lsn, size, sealed, sealed_ns FROM segments "
+            "WHERE segno=? AND sealed=1",
+            (segno,),
+        )
+        keys = ("segno", "first_lsn", "last_lsn", "size", "sealed", "sealed_ns")
+        return None if row is None else dict(zip(keys, row, strict=True))
+
     def segments(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT segno, first_lsn, last_lsn, size, sealed, sealed_ns "

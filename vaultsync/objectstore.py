@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -320,6 +320,24 @@ class ObjectStore:
         await self._call(
             "delete", key, lambda: c.delete_object(Bucket=self.target.bucket, Key=self._key(key))
         )
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete keys in batches of 1000 (one request each, where the server allows)."""
+        c = self._client
+        for i in range(0, len(keys), 1000):
+            part = keys[i : i + 1000]
+            body = {"Objects": [{"Key": self._key(k)} for k in part], "Quiet": True}
+
+            async def go(b: dict[str, Any] = body) -> Any:
+                return await c.delete_objects(Bucket=self.target.bucket, Delete=b)
+
+            try:
+                await self._call("delete", part[0], go)
+            except StoreError as e:
+                if e.retriable or isinstance(e, AuthError | BucketMissingError):
+                    raise
+                for k in part:  # a server without multi-object delete
+                    await self.delete(k)
 
     async def _put_if_none_match(self, key: str, data: bytes) -> bool:
         c = self._client

@@ -31,6 +31,7 @@ import contextlib
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,6 +100,10 @@ class Volume:
         self._unnoted: list[tuple[int, int | None, int, int]] = []  # sealed, not yet synced
         self._background: set[asyncio.Future[None]] = set()
         self._failed: VolumeError | None = None
+        # When each recent transaction was committed (LSNs are consecutive, so the
+        # LSN indexes it): replication lag in seconds is measured from these.
+        self.commit_times: deque[int] = deque(maxlen=1 << 16)
+        self.commit_times_first = self._next_lsn
         # Where the journal is durable up to: (open segment number, bytes). Replication
         # ships up to here and no further (docs/format.md §2.2).
         self.durable_pos = (journal.segno, journal.size)
@@ -265,6 +270,9 @@ class Volume:
         self._next_lsn = lsn + 1
         stored = [StoredChunk(cid, loc, lsn) for cid, loc in zip(fresh, locs[:-1], strict=True)]
         self.catalog.apply(lsn, txn, stored)
+        if len(self.commit_times) == self.commit_times.maxlen:
+            self.commit_times_first += 1
+        self.commit_times.append(now)
         if self.journal.size >= self.segment_size:
             self._seal_nowait()
         return lsn
@@ -348,6 +356,13 @@ class Volume:
             await self.sync(replicate=False)
             return segno
         return None
+
+    def committed_at(self, lsn: int) -> int | None:
+        """Wall-clock ns when `lsn` was committed, if it was recent enough to be remembered."""
+        i = lsn - self.commit_times_first
+        if i < 0:
+            return self.commit_times[0] if self.commit_times else None
+        return self.commit_times[i] if i < len(self.commit_times) else None
 
     # -- reading --------------------------------------------------------------------
     @property
