@@ -128,7 +128,20 @@ class Catalog:
         cat._max_ino = int(cat.get_meta("max_ino") or 0)
         return cat
 
+    def commit(self) -> None:
+        """Make applied transactions visible to other processes and durable in SQLite.
+
+        Transactions are applied inside one long SQLite transaction (a savepoint
+        each, so one failing never takes the others with it) and committed here,
+        at each journal sync and on a short timer: a SQLite commit costs more than
+        applying a whole transaction. Until then a crash loses them from the
+        catalog only; the journal has them and replay restores them.
+        """
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+
     def close(self) -> None:
+        self.commit()
         self.db.close()
 
     def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
@@ -154,16 +167,20 @@ class Catalog:
         """Apply one committed transaction atomically, with the chunks it stored."""
         if lsn <= self._last_lsn:
             return  # replay of something already applied: idempotent by design
-        self.db.execute("BEGIN IMMEDIATE")
+        chunks = list(chunks)
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("SAVEPOINT txn")
         try:
-            self.db.executemany(
-                "INSERT OR IGNORE INTO chunks(id, segno, offset, length, lsn) "
-                "VALUES(?, ?, ?, ?, ?)",
-                [
-                    (c.id, c.location.segno, c.location.offset, c.location.length, c.lsn)
-                    for c in chunks
-                ],
-            )
+            if chunks:
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO chunks(id, segno, offset, length, lsn) "
+                    "VALUES(?, ?, ?, ?, ?)",
+                    [
+                        (c.id, c.location.segno, c.location.offset, c.location.length, c.lsn)
+                        for c in chunks
+                    ],
+                )
             top = self._max_ino
             for op in txn.ops:
                 self._apply_op(op)
@@ -176,9 +193,10 @@ class Catalog:
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (lsn,),
             )
-            self.db.execute("COMMIT")
+            self.db.execute("RELEASE txn")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("ROLLBACK TO txn")
+            self.db.execute("RELEASE txn")
             raise
         self._last_lsn = lsn
         self._max_ino = max(self._max_ino, top)

@@ -219,6 +219,7 @@ class Volume:
                 self.catalog.apply(rec.lsn, Transaction.decode(body), pending)
                 pending = []
                 self.replayed += 1
+        self.catalog.commit()
         # Sealed segments the catalog has not recorded (a crash between seal and sync).
         known = {s["segno"] for s in self.catalog.segments() if s["sealed"]}
         for segno in self.journal.segment_numbers()[:-1]:
@@ -331,6 +332,7 @@ class Volume:
         finally:
             self._sync_task = None
         self._synced_lsn = max(self._synced_lsn, upto)
+        self.catalog.commit()
         if pos > self.durable_pos:
             self.durable_pos, self.durable_lsn = pos, upto
         now = time.time_ns()
@@ -349,7 +351,12 @@ class Volume:
         return segno
 
     async def maybe_seal(self, force: bool = False) -> int | None:
-        """Seal the open segment if it is old enough (or `force`) and not empty."""
+        """Seal the open segment if it is old enough (or `force`) and not empty.
+
+        Called by a timer, which also commits the catalog's batch of applied
+        transactions so that other processes (status, verify) see them soon.
+        """
+        self.catalog.commit()
         age = time.monotonic() - self.journal.opened_at
         if self.journal.records and (force or age >= self.segment_max_age):
             segno = self._seal_nowait()
