@@ -1408,3 +1408,19 @@ async def test_fsync_waits_for_a_flush_already_in_flight(fs: FileSystem) -> None
     await fs.fsync(ino)
     assert data_lsns and max(data_lsns) <= vol._synced_lsn
     await background
+
+
+async def test_write_into_a_new_block_being_flushed_keeps_its_start(fs: FileSystem) -> None:
+    """A block past the stored size but in flight is not fresh: its start must survive."""
+    ino = await _new_file(fs)
+    bs = fs.block_size
+    first = os.urandom(bs // 2)
+    rest = os.urandom(bs // 2)
+    await fs.write(ino, 2 * bs, os.urandom(2 * bs))  # enough that encoding goes to a thread
+    await fs.write(ino, bs, first)  # block 1, beyond anything stored
+    flushing = asyncio.ensure_future(fs.flush(ino))
+    await asyncio.sleep(0)  # the flush has taken block 1 and encodes it in a thread
+    await fs.write(ino, bs + len(first), rest)
+    await flushing
+    await fs.flush(ino)
+    assert await fs.read(ino, bs, bs) == first + rest

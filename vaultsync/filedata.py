@@ -73,14 +73,15 @@ class FileData:
         if not self.dirty_since:
             self.dirty_since = time.monotonic()
 
-    def take_dirty(self) -> dict[int, bytes]:
-        """Snapshot the dirty blocks for a flush; they stay readable as in flight."""
-        snap = {b: bytes(buf) for b, buf in self.blocks.items()}
-        self.blocks = {}
+    def take_dirty(self, which: list[int] | None = None) -> dict[int, bytes]:
+        """Snapshot dirty blocks (all, or `which`) for a flush; they stay readable in flight."""
+        chosen = list(self.blocks) if which is None else [b for b in which if b in self.blocks]
+        snap = {b: bytes(self.blocks.pop(b)) for b in chosen}
         self.epoch += 1
         self.inflight.update(snap)
-        self.size_dirty = False
-        self.dirty_since = 0.0
+        if not self.blocks:
+            self.size_dirty = False
+            self.dirty_since = 0.0
         return snap
 
     def done_flushing(self, snap: dict[int, bytes]) -> None:

@@ -671,7 +671,9 @@ class FileSystem:
             covers_all = inner == 0 and take == bs
             while not fd.has_dirty(b):
                 epoch = fd.epoch
-                if covers_all or b * bs >= fd.stored_size:
+                if covers_all or (b * bs >= fd.stored_size and b not in fd.inflight):
+                    # Nothing stored there yet, and no flush holds it: a fresh block.
+                    # (A block in flight has content the catalog does not show yet.)
                     base = b""
                 elif inner == 0 and b not in fd.inflight and take >= self._stored_len(ino, b):
                     base = b""  # the write replaces everything the block holds
@@ -710,39 +712,56 @@ class FileSystem:
             fd = self.files.get(ino)
             if fd is None or not fd.dirty:
                 return
-            snap = fd.take_dirty()
-            # The size these blocks make: writes that land while we encode are not in
-            # the snapshot, and committing their size now would expose zeros after a crash.
-            size = fd.size
-            self.dirty_bytes -= sum(len(v) for v in snap.values())
-            committed = False
-            try:
-                prepared = await self.vol.prepare_chunks(list(snap.values()))
-                i = self.cat.inode(ino)
-                if i is None:
-                    committed = True  # unlinked and released meanwhile: nothing to keep
-                    return
-                blocks = tuple(
-                    (b, p.id.hex(), p.length) for b, p in zip(snap, prepared, strict=True)
-                )
-                i = replace(
-                    i,
-                    size=size,
-                    mtime_ns=fd.mtime_ns or i.mtime_ns,
-                    ctime_ns=self._ctime(fd, i),
-                )
-                self.vol.commit_nowait([SetBlocks(ino, blocks), _set_inode(i)], prepared)
-                committed = True
-                fd.stored_size = size
-                # The next partial write of these blocks reads them back: keep them warm.
-                for data, p in zip(snap.values(), prepared, strict=True):
-                    self.cache.put(p.id, data)
-            finally:
-                if committed:
-                    fd.done_flushing(snap)
-                else:  # keep the data readable and dirty: a later flush retries it
-                    self.dirty_bytes += fd.flush_failed(snap)
-                self._drop_if_clean(ino)
+            # In batches of FLUSH_BATCH bytes: memory, event-loop stalls and transaction
+            # (hence segment) sizes stay bounded however much a file has buffered. Only
+            # the blocks dirty now are owed: a busy writer cannot keep an fsync waiting.
+            todo = sorted(fd.blocks)
+            per_batch = max(1, self.FLUSH_BATCH // self.block_size)
+            while True:
+                batch, todo = todo[:per_batch], todo[per_batch:]
+                await self._flush_batch(ino, fd, batch)
+                todo = [b for b in todo if b in fd.blocks]
+                if not todo or self.files.get(ino) is not fd:
+                    break
+            self._drop_if_clean(ino)
+
+    FLUSH_BATCH = 4 << 20
+
+    async def _flush_batch(self, ino: int, fd: FileData, batch: list[int]) -> None:
+        snap = fd.take_dirty(batch)
+        # The size these blocks make: writes that land while we encode are not in
+        # the snapshot, and committing their size now would expose zeros after a crash.
+        # Neither may a size reaching past a block still dirty (a later batch's) that
+        # lies beyond what is stored: that block would read as a hole after a crash.
+        bs = self.block_size
+        gaps = [max(b * bs, fd.stored_size) for b in fd.blocks if (b + 1) * bs > fd.stored_size]
+        size = min([fd.size, *gaps])
+        self.dirty_bytes -= sum(len(v) for v in snap.values())
+        committed = False
+        try:
+            prepared = await self.vol.prepare_chunks(list(snap.values()))
+            i = self.cat.inode(ino)
+            if i is None:
+                committed = True  # unlinked and released meanwhile: nothing to keep
+                return
+            blocks = tuple((b, p.id.hex(), p.length) for b, p in zip(snap, prepared, strict=True))
+            i = replace(
+                i,
+                size=size,
+                mtime_ns=fd.mtime_ns or i.mtime_ns,
+                ctime_ns=self._ctime(fd, i),
+            )
+            self.vol.commit_nowait([SetBlocks(ino, blocks), _set_inode(i)], prepared)
+            committed = True
+            fd.stored_size = size
+            # The next partial write of these blocks reads them back: keep them warm.
+            for data, p in zip(snap.values(), prepared, strict=True):
+                self.cache.put(p.id, data)
+        finally:
+            if committed:
+                fd.done_flushing(snap)
+            else:  # keep the data readable and dirty: a later flush retries it
+                self.dirty_bytes += fd.flush_failed(snap)
 
     def _drop_if_clean(self, ino: int) -> None:
         """Forget a closed file's buffer once nothing in it is unflushed."""
