@@ -127,7 +127,7 @@ class FileSystem:
         self,
         vol: Volume,
         *,
-        dirty_limit: int = 128 << 20,
+        dirty_limit: int = 64 << 20,
         cache_limit: int = 64 << 20,
         flush_after: float = 1.0,
         flush_bytes: int = 8 << 20,
@@ -137,6 +137,8 @@ class FileSystem:
         # `flush_after`: steady writers then reach the journal (and targets) promptly.
         self.flush_bytes = flush_bytes
         self._background: set[asyncio.Future[None]] = set()
+        self._read_end: dict[int, int] = {}  # ino -> where the last read ended
+        self._prefetching: set[int] = set()
         self.cat = vol.catalog
         self.block_size = vol.header.chunk_size
         self.dirty_limit = dirty_limit
@@ -613,6 +615,37 @@ class FileSystem:
             self.dirty_bytes -= fd.dirty_bytes
         self._locks.pop(ino, None)
 
+    READ_AHEAD_BLOCKS = 32
+
+    async def _warm(self, ino: int, first: int, last: int) -> None:
+        """Bring the stored blocks first..last into the chunk cache in one trip."""
+        fd = self.files.get(ino)
+        want = [
+            cid
+            for b, (cid, _n) in sorted(self.cat.block_range(ino, first, last).items())
+            if self.cache.get(cid) is None and (fd is None or fd.peek(b) is None)
+        ]
+        if want:
+            for cid, data in zip(want, await self.vol.read_chunks(want), strict=True):
+                self.cache.put(cid, data)
+
+    def _read_ahead(self, ino: int, first: int, last: int) -> None:
+        if ino in self._prefetching:
+            return
+        self._prefetching.add(ino)
+
+        async def go() -> None:
+            try:
+                await self._warm(ino, first, last)
+            except Exception:
+                pass  # only a hint: the read itself reports errors
+            finally:
+                self._prefetching.discard(ino)
+
+        task = asyncio.ensure_future(go())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _stored_block(self, ino: int, blockno: int) -> bytes:
         ref = self.cat.block(ino, blockno)
         if ref is None:
@@ -641,6 +674,11 @@ class FileSystem:
         if offset >= end:
             return b""
         bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        await self._warm(ino, first, last)
+        if self._read_end.get(ino) == offset:  # sequential: fetch ahead, in the background
+            self._read_ahead(ino, last + 1, last + self.READ_AHEAD_BLOCKS)
+        self._read_end[ino] = end
         parts = []
         pos = offset
         while pos < end:
@@ -691,10 +729,13 @@ class FileSystem:
         fd.extend_to(offset + len(data), None if self.kernel_cmtime else time.time_ns())
         if self.dirty_bytes > self.dirty_limit:
             await self.flush_some()
-        elif len(fd.blocks) * bs >= self.flush_bytes and not fd.inflight:
-            task = asyncio.ensure_future(self.flush(ino))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        elif len(fd.blocks) * bs >= self.flush_bytes:
+            if not fd.inflight:
+                task = asyncio.ensure_future(self.flush(ino))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            elif len(fd.blocks) * bs >= 2 * self.flush_bytes:
+                await self.flush(ino)  # the writer outruns the encoder: make it wait
         return len(data)
 
     def _stored_len(self, ino: int, blockno: int) -> int:

@@ -292,6 +292,9 @@ class RecoveredVolume:
         rec = seg.decode_record(raw, f"target {self.store.name!r} segment {loc.segno}")
         return await asyncio.to_thread(self.codec.decode_chunk, rec, cid)
 
+    async def read_chunks(self, cids: list[bytes]) -> list[bytes]:
+        return [await self.read_chunk(c) for c in cids]
+
     def commit_nowait(self, ops: object, chunks: object = ()) -> int:
         from vaultsync.filesystem import FsError
 
