@@ -19,6 +19,7 @@ State = Literal["healthy", "degraded", "down"]
 @dataclass
 class Health:
     down_after: int = 3
+    down_seconds: float = 10.0
     slow_seconds: float = 2.0
     window: int = 20
     state: State = "healthy"
@@ -29,6 +30,7 @@ class Health:
     failures_in_a_row: int = 0
     _recent: deque[tuple[bool, float]] = field(default_factory=lambda: deque(maxlen=20))
     since: float = field(default_factory=time.time)
+    _born: float = field(default_factory=time.time)
 
     def median_latency(self) -> float:
         oks = sorted(lat for good, lat in self._recent if good)
@@ -60,7 +62,8 @@ class Health:
         self.failures_in_a_row += 1
         self.last_error, self.last_error_at = error, time.time()
         self._recent.append((False, 0.0))
-        if self.failures_in_a_row >= self.down_after:
+        quiet = time.time() - (self.last_ok_at or self._born)
+        if self.failures_in_a_row >= self.down_after or quiet > self.down_seconds:
             return self._set("down", error)
         if self.state == "healthy":
             return self._set("degraded", error)

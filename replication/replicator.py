@@ -159,6 +159,8 @@ class Replicator:
                 changed = sh.health.ok(time.monotonic() - t0)
             except StoreError as e:
                 changed = sh.health.failed(e.reason)
+            if changed and sh.health.state != "down":
+                sh.wake.set()  # back (or better): the shipper should not wait out its back-off
             if changed:
                 log.warning(
                     "target %s is now %s%s",
@@ -178,7 +180,7 @@ class Replicator:
             h = sh.health
             out[sh.name] = {
                 "mode": sh.target.mode,
-                "effective_mode": "sync" if sh.is_sync and sh.in_sync else "async",
+                "effective_mode": "sync" if sh.is_sync and self._counts(sh) else "async",
                 "health": h.state,
                 "reason": h.reason,
                 "last_error": h.last_error,

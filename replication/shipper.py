@@ -112,10 +112,17 @@ class Shipper:
                 break
             self._advance_sealed(self.sealed_wm + 1, row["last_lsn"] or self.acked_lsn)
         pieces = []
+        damaged = []
         async for o in self.store.list(tail_prefix(self.sealed_wm + 1)):
             parsed = parse_tail_key(o.key)
             if parsed and parsed[0] == self.sealed_wm + 1:
-                pieces.append((parsed[1], parsed[2]))
+                # A piece shorter than its name says was cut in transit: it holds nothing.
+                if o.size != parsed[2] - parsed[1]:
+                    damaged.append(o.key)
+                else:
+                    pieces.append((parsed[1], parsed[2]))
+        if damaged:
+            await self.store.delete_many(damaged)
         # Pieces may run past what survived here (uploaded in parallel with an fsync
         # that a power cut undid); the journal will write other bytes there, so they go.
         jseg, jsize = self.vol.journal.segno, self.vol.journal.size
@@ -210,7 +217,10 @@ class Shipper:
                 self._progress()
                 slow = 4.0 if isinstance(e, ThrottledError) else 1.0
                 backoff = min(30.0, backoff * 2 * slow)
-                await asyncio.sleep(random.uniform(backoff / 2, backoff))
+                # Back off, but wake early when the monitor sees the target come back.
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), random.uniform(backoff / 2, backoff))
                 continue
             self.wake.clear()
             with contextlib.suppress(TimeoutError):

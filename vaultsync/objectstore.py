@@ -10,7 +10,9 @@ kept in memory only, and never part of a message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -99,6 +101,10 @@ _THROTTLE_CODES = {
 }
 
 
+def _content_md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
 class ObjectStore:
     """Async S3 client for one target; use as `async with ObjectStore(target) as store`."""
 
@@ -132,7 +138,7 @@ class ObjectStore:
             s3={"addressing_style": "path" if self.target.path_style else "virtual"},
             connect_timeout=self._connect_timeout,
             read_timeout=self._read_timeout,
-            retries={"max_attempts": 1, "mode": "standard"},  # we retry, with our own policy
+            retries={"total_max_attempts": 1, "mode": "standard"},  # we retry, our own way
             max_pool_connections=self._pool_size,
             # rclone returns the whole object's checksum on ranged GETs; only validate
             # what the request asked for. Integrity is the segment CRCs' job.
@@ -253,8 +259,14 @@ class ObjectStore:
     async def put(self, key: str, data: bytes) -> None:
         c = self._client
 
+        md5 = _content_md5(data)
+
         async def go() -> None:
-            await c.put_object(Bucket=self.target.bucket, Key=self._key(key), Body=data)
+            # Content-MD5 makes the server refuse a body cut short by a dropped
+            # connection instead of keeping a truncated (even empty) object.
+            await c.put_object(
+                Bucket=self.target.bucket, Key=self._key(key), Body=data, ContentMD5=md5
+            )
 
         await self._call("put", key, go)
 
@@ -344,7 +356,11 @@ class ObjectStore:
 
         async def go() -> None:
             await c.put_object(
-                Bucket=self.target.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+                Bucket=self.target.bucket,
+                Key=self._key(key),
+                Body=data,
+                IfNoneMatch="*",
+                ContentMD5=_content_md5(data),
             )
 
         try:

@@ -246,5 +246,6 @@ def is_complete_segment(data: bytes, volume_id: bytes, segno: int) -> bool:
         and h.segment_no == segno
     )
 
+
 # A SEAL record is always this long, so a reader can fetch just the end of a segment.
 SEAL_RECORD_SIZE = RECORD_OVERHEAD + _SEAL.size
