@@ -26,8 +26,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # The daemon is the only writer, so the kernel may cache what we told it.
-ATTR_TIMEOUT = 5.0
-ENTRY_TIMEOUT = 5.0
+ATTR_TIMEOUT = 30.0
+ENTRY_TIMEOUT = 30.0
 
 
 def _errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:

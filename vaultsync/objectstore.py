@@ -259,7 +259,12 @@ class ObjectStore:
     async def put(self, key: str, data: bytes) -> None:
         c = self._client
 
-        md5 = _content_md5(data)
+        # Hashing a whole segment would stall the event loop (every fsync waits on it).
+        md5 = (
+            _content_md5(data)
+            if len(data) < 1 << 20
+            else await asyncio.to_thread(_content_md5, data)
+        )
 
         async def go() -> None:
             # Content-MD5 makes the server refuse a body cut short by a dropped
