@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from vaultsync.catalog import Inode
+from vaultsync.errors import ReadOnlyVolumeError, VaultsyncError
 from vaultsync.filesystem import FileSystem, FsError
 
 log = logging.getLogger("vaultsync.fuse")
@@ -41,6 +42,10 @@ def _errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise pyfuse3.FUSEError(e.errno) from None
         except pyfuse3.FUSEError:
             raise
+        except VaultsyncError as e:  # e.g. fenced, or the journal's disk failed
+            log.error("%s: %s", fn.__name__, e)
+            ro = isinstance(e, ReadOnlyVolumeError)
+            raise pyfuse3.FUSEError(errno.EROFS if ro else errno.EIO) from None
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

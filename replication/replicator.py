@@ -28,6 +28,7 @@ from vaultsync.config import Config
 from vaultsync.filesystem import FsError
 from vaultsync.header import HEADER_KEY
 from vaultsync.journal import Location
+from vaultsync.lease import current_epoch
 from vaultsync.objectstore import ObjectStore, StoreError
 from vaultsync.volume import Volume
 
@@ -57,6 +58,7 @@ class Replicator:
             )
             sh = Shipper(t, store, self.vol, Health())
             sh.on_progress = self._progress
+            sh.on_fenced = self._fenced
             self.shippers.append(sh)
             self._probe_stores.append(probe)
         self.vol.listeners.append(self._wake_all)
@@ -113,6 +115,14 @@ class Replicator:
     def _progress(self) -> None:
         self._changed.set()
 
+    def _fenced(self, reason: str) -> None:
+        if not self.vol.fenced:
+            log.error("FENCED: %s. Writes are refused from now on; nothing more is shipped", reason)
+        self.vol.fence(reason)
+        for sh in self.shippers:
+            sh.stop()
+        self._changed.set()
+
     # -- the fsync barrier ------------------------------------------------------------------
     def _counts(self, sh: Shipper) -> bool:
         if sh.target.on_failure == "block":
@@ -130,6 +140,8 @@ class Replicator:
         return sh.in_sync
 
     async def barrier(self, pos: tuple[int, int], lsn: int) -> None:
+        if self.vol.fenced:
+            raise FsError(errno.EROFS)
         sync = [s for s in self.shippers if s.is_sync]
         if not sync:
             return
@@ -138,6 +150,8 @@ class Replicator:
         for s in sync:
             s.request(pos, lsn)
         while True:
+            if self.vol.fenced:
+                raise FsError(errno.EROFS)
             members = [s for s in sync if self._counts(s)]
             if sum(s.holds(pos) for s in members) >= min(need, len(members)):
                 return
@@ -157,6 +171,10 @@ class Replicator:
             try:
                 await probe.head(HEADER_KEY)
                 changed = sh.health.ok(time.monotonic() - t0)
+                newest = await current_epoch(probe)
+                if newest > self.vol.epoch:
+                    self._fenced(f"target {sh.name!r} has a writer lease of epoch {newest}")
+                    return
             except StoreError as e:
                 changed = sh.health.failed(e.reason)
             if changed and sh.health.state != "down":

@@ -27,7 +27,8 @@ from vaultsync.replication.health import Health
 
 from vaultsync.config import TargetConfig
 from vaultsync.layout import contiguous_end, parse_tail_key, segment_key, tail_key, tail_prefix
-from vaultsync.objectstore import ObjectStore, StoreError, ThrottledError
+from vaultsync.lease import FencedError
+from vaultsync.objectstore import ObjectStore, StoreError, ThrottledError, md5_hex
 from vaultsync.segment import HEADER_SIZE
 from vaultsync.volume import Volume
 
@@ -55,6 +56,7 @@ class Shipper:
     stats: ShipperStats = field(default_factory=ShipperStats)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     on_progress: Any = None  # callable() -> None, set by the replicator
+    on_fenced: Any = None  # callable(reason) -> None, set by the replicator
     # The furthest journal position (and its LSN) an fsync waits for: may be ahead
     # of what is durable locally, because the local fsync runs in parallel.
     requested: tuple[tuple[int, int], int] = ((0, 0), 0)
@@ -157,7 +159,8 @@ class Shipper:
         if row is not None:
             data = await self._read_async(nxt, 0, None)
             t0 = time.monotonic()
-            await self.store.put(segment_key(nxt), data)
+            if not await self.store.put_new(segment_key(nxt), data):
+                await self._same_or_fenced(nxt, data)
             self._uploaded(len(data), time.monotonic() - t0)
             had_tail = self.tail_off > 0
             self._advance_sealed(nxt, row["last_lsn"] or self.acked_lsn)
@@ -175,12 +178,35 @@ class Shipper:
                 start = self.tail_off
                 data = await self._read_async(nxt, start, dsize)
                 t0 = time.monotonic()
-                await self.store.put(tail_key(nxt, start, dsize), data)
+                # If the segment we are extending exists whole, another writer sealed it:
+                # asked at the same time as the upload, so it costs no latency.
+                _, sealed_by_other = await asyncio.gather(
+                    self.store.put(tail_key(nxt, start, dsize), data),
+                    self.store.head(segment_key(nxt)),
+                )
+                if sealed_by_other is not None:
+                    raise FencedError(
+                        f"segment {nxt} at target {self.name!r} was sealed by another writer"
+                    )
                 self._uploaded(len(data), time.monotonic() - t0)
                 self.tail_off = dsize
                 self.acked_lsn = max(self.acked_lsn, dlsn)
                 return True
         return False
+
+    async def _same_or_fenced(self, segno: int, data: bytes) -> None:
+        """The segment exists already: ours (a resumed upload) or a newer writer's?"""
+        info = await self.store.head(segment_key(segno))
+        if info is not None and info.etag == md5_hex(data):
+            return
+        if info is not None and "-" not in info.etag and info.size != len(data):
+            same = False
+        else:
+            same = await self.store.get(segment_key(segno)) == data
+        if not same:
+            raise FencedError(
+                f"segment {segno} at target {self.name!r} holds another writer's history"
+            )
 
     async def _drop_tails(self, segno: int) -> None:
         with contextlib.suppress(StoreError):
@@ -210,6 +236,11 @@ class Shipper:
                 while await self.step():
                     backoff = 0.5
                 self._check_in_sync()
+            except FencedError as e:
+                log.error("target %s: %s; this writer is fenced", self.name, e)
+                if self.on_fenced is not None:
+                    self.on_fenced(str(e))
+                return
             except StoreError as e:
                 self.stats.retries += 1
                 if self.health.failed(e.reason):

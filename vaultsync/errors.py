@@ -34,3 +34,7 @@ class CryptoError(VaultsyncError):
 
 class VolumeError(VaultsyncError):
     """The local state or a bucket holds something the operation cannot accept."""
+
+
+class ReadOnlyVolumeError(VolumeError):
+    """The volume accepts no writes here (fenced by a newer writer)."""

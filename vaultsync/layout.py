@@ -51,3 +51,17 @@ def contiguous_end(pieces: list[tuple[int, int]]) -> int:
             break
         end = max(end, stop)
     return end
+
+
+LEASES = "lease/"
+_LEASE_RE = re.compile(r"^lease/([0-9a-f]{16})\.json$")
+
+
+def lease_key(epoch: int) -> str:
+    """The writer lease of `epoch` (§2.4); the highest one present is the current writer's."""
+    return f"{LEASES}{epoch:016x}.json"
+
+
+def parse_lease_key(key: str) -> int | None:
+    m = _LEASE_RE.match(key)
+    return int(m.group(1), 16) if m else None

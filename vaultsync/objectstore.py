@@ -101,6 +101,10 @@ _THROTTLE_CODES = {
 }
 
 
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
 def _content_md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
 
@@ -390,6 +394,20 @@ class ObjectStore:
                 with contextlib.suppress(StoreError):  # .probe/ may be cleaned by anyone
                     await self.delete(key)
         return self._conditional
+
+    async def put_new(self, key: str, data: bytes) -> bool:
+        """PUT that never replaces an existing object where the server can promise it.
+
+        False: the key already exists (the caller decides whether its bytes are
+        the same). Where If-None-Match is ignored (rclone) this is a plain PUT
+        after a HEAD: a narrow race between two writers remains there.
+        """
+        if await self.supports_conditional_create():
+            return await self._put_if_none_match(key, data)
+        if await self.head(key) is not None:
+            return False
+        await self.put(key, data)
+        return True
 
     async def create_if_absent(self, key: str, data: bytes) -> bool:
         """Write `key` only if it does not exist; True when this call created it.

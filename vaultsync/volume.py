@@ -40,7 +40,7 @@ from vaultsync import segment as seg
 from vaultsync.catalog import Catalog, StoredChunk
 from vaultsync.chunks import Codec
 from vaultsync.crypto import VolumeKeys
-from vaultsync.errors import CryptoError, FormatError, VolumeError
+from vaultsync.errors import CryptoError, FormatError, ReadOnlyVolumeError, VolumeError
 from vaultsync.header import HEADER_KEY, VolumeHeader
 from vaultsync.journal import Journal, Location, RecoveryReport
 from vaultsync.txn import Op, SetInode, Transaction
@@ -100,6 +100,7 @@ class Volume:
         self._unnoted: list[tuple[int, int | None, int, int]] = []  # sealed, not yet synced
         self._background: set[asyncio.Future[None]] = set()
         self._failed: VolumeError | None = None
+        self._failed_fenced = False
         # When each recent transaction was committed (LSNs are consecutive, so the
         # LSN indexes it): replication lag in seconds is measured from these.
         self.commit_times: deque[int] = deque(maxlen=1 << 16)
@@ -197,8 +198,9 @@ class Volume:
                 for s in catalog.segments()
                 if s["sealed"] and s["last_lsn"] is not None
             }
+            epoch = int(catalog.get_meta("epoch") or 0)
             journal, report = await asyncio.to_thread(
-                Journal.open, state_dir / JOURNAL_DIR, header.volume_id, 0, applied, sealed_last
+                Journal.open, state_dir / JOURNAL_DIR, header.volume_id, epoch, applied, sealed_last
             )
         except BaseException:
             catalog.close()
@@ -423,6 +425,28 @@ class Volume:
         return [
             g if g is not None else await self.read_chunk(c) for g, c in zip(got, cids, strict=True)
         ]
+
+    @property
+    def epoch(self) -> int:
+        """This writer's epoch (docs/format.md §2.4); new segments carry it."""
+        return self.journal.epoch
+
+    @property
+    def fenced(self) -> bool:
+        return self._failed is not None and self._failed_fenced
+
+    def fence(self, reason: str) -> None:
+        """Another site now writes this volume: accept no more writes, keep what is local.
+
+        Segments not yet shipped stay in journal/ (the salvage) and are never
+        uploaded; reads keep working.
+        """
+        if self._failed is None:
+            self._failed = ReadOnlyVolumeError(
+                f"this volume was promoted elsewhere ({reason}); it is read-only here. "
+                f"Unshipped writes are kept in {self.state_dir / JOURNAL_DIR} for salvage"
+            )
+            self._failed_fenced = True
 
     def committed_at(self, lsn: int) -> int | None:
         """Wall-clock ns when `lsn` was committed, if it was recent enough to be remembered."""

@@ -1,0 +1,145 @@
+"""`vaultsync promote`: make this site the writer, from what one target holds.
+
+Order (each step is what makes the next safe):
+
+1. Take the lease of epoch E+1 at every reachable target (conditional
+   create). From now on the old writer is fenced as soon as it looks (its
+   monitor lists `lease/`), and it can never seal a segment we sealed.
+2. Rebuild the newest point from the source target into the local state
+   directory; the downloaded segments become the local journal.
+3. If the source held tail pieces of an open segment N, seal N here from
+   exactly those bytes and upload `segments/N.seg` with a conditional create
+   before anything else: readers then ignore any tail the old writer adds to
+   N, and the old writer's own attempt to seal N fails (it is fenced). If the
+   old writer sealed N first, rebuild again and take its N.
+4. Record the new epoch; the next `mount` continues at segment N+1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaultsync import segment as seg
+from vaultsync.config import Config
+from vaultsync.errors import VolumeError
+from vaultsync.journal import Journal
+from vaultsync.layout import segment_key
+from vaultsync.lease import current_epoch, lease_doc, take_lease
+from vaultsync.objectstore import ObjectStore, StoreError
+from vaultsync.recovery import PointSpec, SegmentCache, rebuild
+from vaultsync.targets import open_stores
+from vaultsync.volume import CATALOG_FILE, JOURNAL_DIR, has_volume
+
+
+@dataclass
+class PromoteReport:
+    epoch: int
+    lsn: int
+    segments: int
+    sealed_tail: int | None
+    leased_at: list[str]
+    moved_aside: Path | None
+
+
+def _seal_tail(path: Path, volume_id: bytes, segno: int) -> tuple[int, int]:
+    """Cut a tail segment after its last transaction and seal it; (records, last LSN)."""
+    buf = path.read_bytes()
+    scan = seg.scan_segment(buf, str(path))
+    end, count, last = seg.HEADER_SIZE, 0, 0
+    for i, (off, rec) in enumerate(scan.records):
+        if rec.type is seg.RecordType.TXN:
+            end, count, last = off + rec.size, i + 1, rec.lsn
+    seal = seg.Record(seg.RecordType.SEAL, last, time.time_ns(), seg.seal_payload(count, last))
+    path.write_bytes(buf[:end] + seg.encode_record(seal))
+    if not seg.is_complete_segment(path.read_bytes(), volume_id, segno):
+        raise VolumeError(f"{path}: the sealed tail does not verify; promotion stopped")
+    return count, last
+
+
+async def promote(
+    cfg: Config, source: str, passphrase: str | None, *, force: bool = False
+) -> PromoteReport:
+    state = cfg.volume.state_dir
+    moved: Path | None = None
+    if has_volume(state):
+        if not force:
+            raise VolumeError(
+                f"{state} already holds a volume; promotion rebuilds it from the target. "
+                "Use --force to move the current one aside (kept for salvage)"
+            )
+        moved = state.with_name(f"{state.name}.salvage-{time.strftime('%Y%m%d-%H%M%S')}")
+        state.rename(moved)
+    async with open_stores(cfg, max_attempts=3) as stores:
+        by_name = {s.name: s for s in stores}
+        src = by_name[cfg.target(source).name]
+        epochs = []
+        for st in stores:
+            with contextlib.suppress(StoreError):
+                epochs.append(await current_epoch(st))
+        epoch = max(epochs, default=0) + 1
+        leased = []
+        for st in stores:
+            try:
+                if not await take_lease(st, lease_doc(epoch, 0, source)):
+                    raise VolumeError(
+                        f"another site took the writer lease of epoch {epoch} at target "
+                        f"{st.name!r} first; do not promote twice"
+                    )
+                leased.append(st.name)
+            except StoreError as e:
+                if st is src:
+                    raise
+                # Unreachable now: its next contact with the old writer's history is ours.
+                e.add_note("lease not taken")
+        for _attempt in range(3):
+            result = await _rebuild_here(cfg, src, passphrase, epoch)
+            if result is not None:
+                lsn, segments, sealed = result
+                return PromoteReport(epoch, lsn, segments, sealed, leased, moved)
+        raise VolumeError(
+            "the old writer kept sealing segments during promotion; stop it and promote again"
+        )
+
+
+async def _rebuild_here(
+    cfg: Config, src: ObjectStore, passphrase: str | None, epoch: int
+) -> tuple[int, int, int | None] | None:
+    state = cfg.volume.state_dir
+    if state.exists():
+        shutil.rmtree(state)
+    journal_dir = state / JOURNAL_DIR
+    cache = SegmentCache(journal_dir, limit=1 << 62)
+    rebuilt, _keys = await rebuild(src, state, passphrase, PointSpec(), cache)
+    cat = rebuilt.catalog
+    try:
+        sealed_tail = None
+        if rebuilt.tail is not None:
+            segno = rebuilt.tail[0]
+            path = journal_dir / f"{segno:016x}.seg"
+            await asyncio.to_thread(_seal_tail, path, rebuilt.header.volume_id, segno)
+            data = path.read_bytes()
+            if not await src.put_new(segment_key(segno), data):
+                return None  # the old writer sealed it first: take its version
+            sealed_tail = segno
+        j = Journal(journal_dir, rebuilt.header.volume_id, epoch)
+        now = time.time_ns()
+        for segno in j.segment_numbers():
+            first, last, size = await asyncio.to_thread(j.sealed_info, segno)
+            cat.note_segment(segno, size, first, last, now)
+        top = max(j.segment_numbers(), default=0)
+        if top:
+            cat.set_watermark(src.name, top, rebuilt.lsn, now)
+        cat.set_meta("volume_id", rebuilt.header.volume_id_hex)
+        cat.set_meta("epoch", epoch)
+        cat.commit()
+    finally:
+        cat.close()
+    # volume.json last: its presence means "a complete volume lives here".
+    (state / "volume.json").write_bytes(rebuilt.header.to_bytes())
+    assert (state / CATALOG_FILE).exists()
+    return rebuilt.lsn, len(rebuilt.segments), sealed_tail
