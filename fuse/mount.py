@@ -151,7 +151,7 @@ async def _serve(
     dropped = fs.drop_orphans()
     if dropped:
         log.info("dropped %d unlinked file(s) left open by a previous process", dropped)
-    ops = Operations(fs)
+    ops = Operations(fs, sync_on_close=cfg.replication.sync_on_close)
     options = {
         "fsname=vaultsync",
         f"subtype=vaultsync.{v.name}",

@@ -57,9 +57,10 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = True
     supports_dot_lookup = True
 
-    def __init__(self, fs: FileSystem) -> None:
+    def __init__(self, fs: FileSystem, sync_on_close: bool = False) -> None:
         super().__init__()
         self.fs = fs
+        self.sync_on_close = sync_on_close
         # The writeback cache makes the kernel the owner of regular files' mtime/ctime.
         fs.kernel_cmtime = self.enable_writeback_cache
 
@@ -178,6 +179,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     @_errors
     async def flush(self, fh: int) -> None:
         await self.fs.flush(fh)
+        if self.sync_on_close:  # replication.sync_on_close: close() waits as fsync does
+            await self.fs.vol.sync()
 
     @_errors
     async def release(self, fh: int) -> None:

@@ -943,3 +943,19 @@ def test_put_torn_after_headers_leaves_no_torn_tail(
         raise TornObjectAtTarget(f"{e}; the target holds {sizes}") from None
     for name in ("y", "z"):
         assert hist.holds_content(expected[name]), name
+
+
+def test_sync_on_close_makes_close_wait_for_the_sync_target(
+    tmp_path: Path, seaweedfs: LocalProvider, mounts: list[Mount]
+) -> None:
+    bucket = _fresh_bucket(seaweedfs)
+    toml = "\n[replication]\nsync_on_close = true\n" + _target_toml(
+        "t", seaweedfs, bucket, mode="sync"
+    )
+    m = Mount.create(tmp_path / "vol", "segment_max_age = 600\n" + toml)
+    mounts.append(m)
+    m.start()
+    reader = BucketReader(seaweedfs, bucket, _volume_id(m))
+    data = os.urandom(20_000)
+    write_file(m.mountpoint / "closed", data, fsync=False)  # no fsync: only close()
+    assert reader.read().holds_content(data)
