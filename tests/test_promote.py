@@ -92,6 +92,26 @@ def test_promotion_fences_the_old_writer(
             assert not after.exists() or after.read_bytes() != b"A after being fenced", target
         finally:
             pm.close()
+    # A's salvage: what it committed that no target received as a whole segment.
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vaultsync",
+            "salvage",
+            str(a.config),
+            "--json",
+            "--out",
+            str(tmp_path / "salvaged"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    salvaged = json.loads(res.stdout)
+    assert "/before" in [f[0] for f in salvaged["files"]]
+    assert (tmp_path / "salvaged" / "before").read_bytes() == b"written by A before the failover"
     status = json.loads((a.state_dir / "replication.json").read_text())
     assert status["targets"]  # A wrote its last status; its journal keeps the salvage
     assert any((a.state_dir / "journal").glob("*.seg"))

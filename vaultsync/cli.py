@@ -334,6 +334,34 @@ def promote(
 
 
 @app.command()
+def salvage(
+    config: ConfigArg,
+    dest: Annotated[
+        Path | None,
+        typer.Option("--out", help="Copy the salvaged files here (default: only list them)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """After a promotion elsewhere: the files this site changed that no target received."""
+    from vaultsync.salvage import salvage as run_salvage
+
+    cfg = load_config(config)
+    r = asyncio.run(run_salvage(cfg, _passphrase(cfg), dest))
+    if as_json:
+        print(json.dumps({**r.__dict__, "files": [list(f) for f in r.files]}, indent=2))
+        return
+    gone = f"; {r.gone} changed file(s) no longer exist here" if r.gone else ""
+    out.print(
+        f"transactions {r.shipped_lsn + 1}..{r.last_lsn} never reached a target as whole "
+        f"segments: {len(r.files)} file(s){gone}"
+    )
+    for path, size in r.files:
+        out.print(f"  {path}  ({size} bytes)")
+    if dest is not None:
+        out.print(f"copied {r.copied} file(s) into {dest}")
+
+
+@app.command()
 def demo(
     directory: Annotated[
         Path, typer.Option("--dir", help="Where the demo keeps its providers and volume.")
