@@ -228,12 +228,13 @@ async def _serve_point(
         rebuilt, keys = await rebuild(store, cache_dir, passphrase, point, cache)
         vol = RecoveredVolume(cache_dir, rebuilt, keys, store, cache)
         log.info(
-            "rebuilt %s from target %s as of %s (LSN %d) in %.1fs",
+            "rebuilt %s from target %s as of %s (LSN %d) in %.1fs%s",
             cfg.volume.name,
             target,
             point.describe(),
             rebuilt.lsn,
             time.monotonic() - t0,
+            f", from checkpoint {rebuilt.checkpoint}" if rebuilt.checkpoint else "",
         )
         fs = FileSystem(vol)  # type: ignore[arg-type]
         ops = Operations(fs)

@@ -20,6 +20,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from vaultsync.replication.checkpoint import build_checkpoint
 from vaultsync.replication.fetch import fetch_chunk
 from vaultsync.replication.health import Health
 from vaultsync.replication.shipper import Shipper
@@ -28,6 +29,7 @@ from vaultsync.config import Config
 from vaultsync.filesystem import FsError
 from vaultsync.header import HEADER_KEY
 from vaultsync.journal import Location
+from vaultsync.layout import checkpoint_key
 from vaultsync.lease import current_epoch
 from vaultsync.objectstore import ObjectStore, StoreError
 from vaultsync.volume import Volume
@@ -77,6 +79,8 @@ class Replicator:
                 asyncio.create_task(self._monitor(sh, probe), name=f"probe-{sh.name}")
             )
         self._tasks.append(asyncio.create_task(self._write_status_loop(), name="repl-status"))
+        if self.cfg.replication.checkpoint_every and self.shippers:
+            self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="checkpoints"))
 
     async def drain(self, timeout: float = 30.0) -> None:
         """At unmount: give every healthy target a chance to receive what is sealed."""
@@ -190,6 +194,36 @@ class Replicator:
                 sh.wake.set()
             interval = self.cfg.replication.probe_interval
             await asyncio.sleep(interval if sh.health.state == "healthy" else min(interval, 1.0))
+
+    # -- checkpoints -------------------------------------------------------------------
+    async def _checkpoint_loop(self) -> None:
+        every = self.cfg.replication.checkpoint_every
+        done = int(self.vol.catalog.get_meta("checkpoint_lsn") or 0)
+        pending: tuple[int, int, bytes] | None = None
+        sent: set[str] = set()
+        while True:
+            await asyncio.sleep(self.cfg.replication.checkpoint_check)
+            try:
+                if pending is None and self.vol.last_lsn - done >= every:
+                    pending = await build_checkpoint(self.vol)
+                    sent = set()
+                if pending is None:
+                    continue
+                lsn, when, body = pending
+                for sh in self.shippers:
+                    if sh.name in sent or sh.health.state == "down":
+                        continue
+                    row = self.vol.catalog.sealed_segment(sh.sealed_wm)
+                    if row is None or (row["last_lsn"] or 0) < lsn:
+                        continue  # the target lacks some of what the image refers to
+                    await sh.store.put_new(checkpoint_key(lsn, when), body)
+                    sent.add(sh.name)
+                if len(sent) == len(self.shippers):
+                    done, pending = lsn, None
+                    self.vol.catalog.set_meta("checkpoint_lsn", lsn)
+                    log.info("checkpoint at LSN %d is at every target", lsn)
+            except Exception:
+                log.exception("checkpoint failed; will retry")
 
     # -- status --------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from vaultsync.fuse.mount import lazy_unmount, mounted_at
 
 from tests.conftest import _credentials_file
@@ -73,14 +74,22 @@ class PointMount:
             lazy_unmount(self.mountpoint)
 
 
+@pytest.mark.parametrize("checkpoints", [False, True], ids=["replay", "checkpoints"])
 def test_any_point_mounts_from_each_target_after_site_a_is_destroyed(
-    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider
+    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider, checkpoints: bool
 ) -> None:
     bucket = f"dr-{uuid.uuid4().hex[:12]}"
     seaweedfs.create_bucket(bucket)
     rclone.create_bucket(bucket)
     targets = _targets_toml(seaweedfs, rclone, bucket)
-    a = Mount.create(tmp_path / "siteA", 'segment_size = "1MiB"\n' + targets)
+    repl = (
+        "[replication]\ncheckpoint_every = 5\ncheckpoint_check = 0.2\n"
+        if checkpoints
+        else "[replication]\ncheckpoint_every = 0\n"
+    )
+    a = Mount.create(
+        tmp_path / "siteA", 'segment_size = "1MiB"\nsegment_max_age = 0.3\n' + repl + targets
+    )
     a.start()
     recorded: list[tuple[str, dict[str, object]]] = []
     try:
@@ -97,7 +106,7 @@ def test_any_point_mounts_from_each_target_after_site_a_is_destroyed(
             fd = os.open(mnt / "shared", os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-            time.sleep(0.05)
+            time.sleep(1.0 if checkpoints else 0.05)  # shipped, then checkpointed
             now = time.time_ns()
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9))
             stamp += f".{now % 10**9:09d}Z"
@@ -106,6 +115,12 @@ def test_any_point_mounts_from_each_target_after_site_a_is_destroyed(
         a.umount()
     finally:
         a.cleanup()
+    if checkpoints:
+        for p in (seaweedfs, rclone):
+            c = p.client()
+            listed = c.list_objects_v2(Bucket=bucket, Prefix="v/checkpoints/").get("Contents", [])
+            c.close()
+            assert listed, f"no checkpoint reached {p.kind}"
     # Site A is gone: its whole local state.
     import shutil
 
@@ -114,6 +129,7 @@ def test_any_point_mounts_from_each_target_after_site_a_is_destroyed(
     b_root.mkdir()
     b_cfg = b_root / "vs.toml"
     b_cfg.write_text('[volume]\nname = "t"\nstate_dir = "unused"\n' + targets)
+    used_checkpoint = False
     for target in ("sw", "rc"):
         for stamp, tree in recorded:
             mp = b_root / f"mnt-{target}-{len(stamp)}-{uuid.uuid4().hex[:4]}"
@@ -121,6 +137,7 @@ def test_any_point_mounts_from_each_target_after_site_a_is_destroyed(
             pm = PointMount(b_cfg, mp, target, stamp)
             try:
                 assert _tree(mp) == tree, f"{target} at {stamp}"
+                used_checkpoint |= "from checkpoint" in pm.log.read_text()
                 # Read-only: a point in time cannot be changed.
                 try:
                     (mp / "new").write_bytes(b"x")
@@ -129,6 +146,7 @@ def test_any_point_mounts_from_each_target_after_site_a_is_destroyed(
                     assert e.errno == 30  # EROFS
             finally:
                 pm.close()
+    assert used_checkpoint == checkpoints
 
 
 def test_bad_points_are_clear_errors(

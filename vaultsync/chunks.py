@@ -120,6 +120,18 @@ class Codec:
         stored, flags = self._seal(packed, flags, b"txn" + _LSN.pack(lsn))
         return Record(RecordType.TXN, lsn, time_ns, stored, flags)
 
+    def checkpoint_record(self, image: bytes, lsn: int, time_ns: int) -> Record:
+        """A catalog image as of `lsn`, compressed and sealed like a transaction."""
+        packed, flags = self._compress(image)
+        stored, flags = self._seal(packed, flags, b"ckpt" + _LSN.pack(lsn))
+        return Record(RecordType.CHECKPOINT, lsn, time_ns, stored, flags)
+
+    def decode_checkpoint(self, rec: Record, limit: int = 1 << 34) -> bytes:
+        if rec.type is not RecordType.CHECKPOINT:
+            raise CorruptRecordError("not a checkpoint record")
+        packed = self._open(rec.payload, rec.flags, b"ckpt" + _LSN.pack(rec.lsn))
+        return self._decompress(packed, rec.flags, limit)
+
     def decode_txn(self, rec: Record, limit: int = 1 << 30) -> bytes:
         if rec.type is not RecordType.TXN:
             raise CorruptRecordError("not a transaction record")

@@ -190,6 +190,10 @@ class ReplicationConfig(_Strict):
     sync_on_close: bool = False
     # How often each target is probed by the health monitor.
     probe_interval: float = Field(default=5.0, gt=0, le=600)
+    # Upload a catalog checkpoint after this many transactions (0: never), checked
+    # every checkpoint_check seconds.
+    checkpoint_every: int = Field(default=20000, ge=0)
+    checkpoint_check: float = Field(default=30.0, gt=0, le=3600)
 
 
 class Config(_Strict):

@@ -65,3 +65,18 @@ def lease_key(epoch: int) -> str:
 def parse_lease_key(key: str) -> int | None:
     m = _LEASE_RE.match(key)
     return int(m.group(1), 16) if m else None
+
+
+CHECKPOINTS = "checkpoints/"
+_CKPT_RE = re.compile(r"^checkpoints/([0-9a-f]{16})-([0-9a-f]{16})\.ckpt$")
+
+
+def checkpoint_key(lsn: int, time_ns: int) -> str:
+    """The catalog as of `lsn`, committed at `time_ns` (§2.5): both in the name, so a
+    reader picks one for an LSN or a time from a listing alone."""
+    return f"{CHECKPOINTS}{lsn:016x}-{time_ns:016x}.ckpt"
+
+
+def parse_checkpoint_key(key: str) -> tuple[int, int] | None:
+    m = _CKPT_RE.match(key)
+    return (int(m.group(1), 16), int(m.group(2), 16)) if m else None

@@ -114,7 +114,8 @@ async def _rebuild_here(
         shutil.rmtree(state)
     journal_dir = state / JOURNAL_DIR
     cache = SegmentCache(journal_dir, limit=1 << 62)
-    rebuilt, _keys = await rebuild(src, state, passphrase, PointSpec(), cache)
+    # Every segment is needed locally (targets that lag are shipped from here): no checkpoint.
+    rebuilt, _keys = await rebuild(src, state, passphrase, PointSpec(), cache, use_checkpoint=False)
     cat = rebuilt.catalog
     try:
         sealed_tail = None

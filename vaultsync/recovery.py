@@ -23,13 +23,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vaultsync import segment as seg
-from vaultsync.catalog import Catalog, StoredChunk
+from vaultsync.catalog import SCHEMA_VERSION, Catalog, StoredChunk
 from vaultsync.chunks import Codec
 from vaultsync.crypto import VolumeKeys
 from vaultsync.errors import FormatError, VaultsyncError, VolumeError
 from vaultsync.header import VolumeHeader
 from vaultsync.journal import Location
-from vaultsync.layout import contiguous_end, parse_segment_key, parse_tail_key, tail_prefix
+from vaultsync.layout import (
+    CHECKPOINTS,
+    checkpoint_key,
+    contiguous_end,
+    parse_checkpoint_key,
+    parse_segment_key,
+    parse_tail_key,
+    tail_prefix,
+)
 from vaultsync.objectstore import ObjectStore
 from vaultsync.snapshots import snapshot_key
 from vaultsync.targets import read_remote_header
@@ -85,6 +93,7 @@ class Rebuilt:
     time_ns: int
     segments: list[int] = field(default_factory=list)
     tail: tuple[int, int] | None = None  # (segno, bytes) of tail pieces used
+    checkpoint: int | None = None  # LSN of the checkpoint started from
 
 
 async def snapshot_lsn(store: ObjectStore, name: str) -> int:
@@ -99,6 +108,35 @@ async def snapshot_lsn(store: ObjectStore, name: str) -> int:
         return int(json.loads(await store.get(key))["lsn"])
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"target {store.name!r}: {key} is malformed ({e})") from None
+
+
+def _image_schema(path: Path) -> int | None:
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    return int(row[0]) if row else None
+
+
+async def _pick_checkpoint(
+    store: ObjectStore, stop_lsn: int | None, stop_ns: int | None
+) -> tuple[int, int] | None:
+    """The newest checkpoint (LSN, time) at or before the point, from the listing alone."""
+    found = [parse_checkpoint_key(o.key) async for o in store.list(CHECKPOINTS)]
+    fit = [
+        c
+        for c in found
+        if c is not None
+        and (stop_lsn is None or c[0] <= stop_lsn)
+        and (stop_ns is None or c[1] <= stop_ns)
+    ]
+    return max(fit, default=None)
 
 
 class SegmentCache:
@@ -140,8 +178,14 @@ async def rebuild(
     point: PointSpec,
     cache: SegmentCache,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    use_checkpoint: bool = True,
 ) -> tuple[Rebuilt, VolumeKeys | None]:
-    """A fresh catalog in `state_dir` holding the volume as of `point`, from `store` alone."""
+    """A fresh catalog in `state_dir` holding the volume as of `point`, from `store` alone.
+
+    Starts from the newest checkpoint at or before the point (if any, and if
+    `use_checkpoint`), then replays only the segments after it.
+    """
     header = await read_remote_header(store)
     if header is None:
         raise VolumeError(
@@ -165,9 +209,31 @@ async def rebuild(
     cat_path = state_dir / "catalog.db"
     for suffix in ("", "-wal", "-shm"):
         Path(str(cat_path) + suffix).unlink(missing_ok=True)
+    ckpt = await _pick_checkpoint(store, stop_lsn, point.time_ns) if use_checkpoint else None
+    if ckpt is not None:
+        key = checkpoint_key(*ckpt)
+        rec = seg.decode_record(await store.get(key), f"target {store.name!r} {key}")
+        if rec.lsn != ckpt[0]:
+            raise FormatError(f"target {store.name!r}: {key} holds LSN {rec.lsn}")
+        image = await asyncio.to_thread(codec.decode_checkpoint, rec)
+        await asyncio.to_thread(cat_path.write_bytes, image)
+        if _image_schema(cat_path) != SCHEMA_VERSION:  # another catalog layout: replay instead
+            cat_path.unlink()
+            ckpt = None
     catalog = Catalog.open(cat_path)
     result = Rebuilt(header, catalog, 0, 0)
     first_time: int | None = None
+    if ckpt is not None:
+        result.lsn, result.time_ns = ckpt
+        first_time = ckpt[1]
+        result.checkpoint = ckpt[0]
+        covered = [
+            s["segno"]
+            for s in catalog.segments()
+            if s["sealed"] and (s["last_lsn"] or 0) <= ckpt[0]
+        ]
+        start = max(covered, default=0) + 1
+        segnos = [n for n in segnos if n >= start]
 
     def apply_segment(segno: int, data: bytes, complete: bool) -> bool:
         """Apply what the point admits; False once past it."""

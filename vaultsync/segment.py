@@ -42,6 +42,7 @@ class RecordType(IntEnum):
     CHUNK = 1  # payload: 32-byte chunk id, then the stored chunk bytes
     TXN = 2  # payload: one metadata transaction (txn.py)
     SEAL = 3  # payload: record count and last LSN; the segment ends here
+    CHECKPOINT = 4  # payload: a catalog image; only in checkpoint objects, never in segments
 
 
 FLAG_ZSTD = 0x01
