@@ -10,9 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.conftest import _credentials_file
 from tests.mounting import Mount
-from tests.test_recovery import PointMount
+from tests.test_recovery import PointMount, _targets_toml
 from vaultsync.providers import LocalProvider
 
 
@@ -26,14 +25,7 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 
 def _targets(sw: LocalProvider, rc: LocalProvider, bucket: str) -> str:
-    toml = "\n[replication]\nprobe_interval = 0.3\n"
-    for name, p, mode in (("sw", sw, "sync"), ("rc", rc, "async")):
-        cred = _credentials_file(p.access_key, p.secret_key)
-        toml += (
-            f'\n[[targets]]\nname = "{name}"\nendpoint = "{p.endpoint}"\nbucket = "{bucket}"\n'
-            f'prefix = "v"\nmode = "{mode}"\ncredentials = {{ file = "{cred}" }}\n'
-        )
-    return toml
+    return "\n[replication]\nprobe_interval = 0.3\n" + _targets_toml(sw, rc, bucket)
 
 
 def test_promotion_fences_the_old_writer(

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,9 @@ class LocalProvider:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _spawn(cmd: list[str], log_file: Path, cwd: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    cmd: list[str], log_file: Path, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         return subprocess.Popen(
@@ -153,7 +156,28 @@ def _spawn(cmd: list[str], log_file: Path, cwd: Path) -> subprocess.Popen[bytes]
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so stop() reaches its children
+            env=env,
         )
+
+
+def _start_on_free_ports(
+    launch: Callable[[], LocalProvider | None], timeout: float
+) -> LocalProvider:
+    """Launch and wait until ready; a port taken between probe and bind means new ports."""
+    last_error: ProviderError | None = None
+    for _attempt in range(3):
+        p = launch()
+        if p is None:
+            continue
+        try:
+            _wait_ready(p, timeout)
+            return p
+        except ProviderError as e:
+            p.stop()
+            last_error = e
+            if "address already in use" not in p.log_tail(40).lower():
+                raise
+    raise last_error or ProviderError("no free loopback ports found for a local provider")
 
 
 def _wait_ready(p: LocalProvider, timeout: float) -> None:
@@ -209,11 +233,11 @@ def start_seaweedfs(
     fd = os.open(s3_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(identities, f)
-    last_error: ProviderError | None = None
-    for _attempt in range(3):  # a port taken between probe and bind: try new ports
+
+    def launch() -> LocalProvider | None:
         ports = [free_port(grpc_offset=10000) for _ in range(4)]
         if len(set(ports)) < 4:
-            continue
+            return None
         master, volume, filer, s3 = ports
         cmd = [
             weed,
@@ -234,25 +258,12 @@ def start_seaweedfs(
             f"-s3.config={s3_config}",
         ]
         log = data_dir / "weed.log"
-        p = LocalProvider(
-            "seaweedfs",
-            f"http://127.0.0.1:{s3}",
-            access_key,
-            secret_key,
-            data_dir,
-            _spawn(cmd, log, data_dir),
-            log,
+        proc = _spawn(cmd, log, data_dir)
+        return LocalProvider(
+            "seaweedfs", f"http://127.0.0.1:{s3}", access_key, secret_key, data_dir, proc, log
         )
-        try:
-            _wait_ready(p, timeout)
-            return p
-        except ProviderError as e:
-            p.stop()
-            last_error = e
-            if "address already in use" not in p.log_tail(40).lower():
-                raise
-    assert last_error is not None
-    raise last_error
+
+    return _start_on_free_ports(launch, timeout)
 
 
 def start_rclone(
@@ -264,10 +275,9 @@ def start_rclone(
     data_dir = Path(data_dir)
     root = data_dir / "data"
     root.mkdir(parents=True, exist_ok=True)
-    last_error: ProviderError | None = None
-    for _attempt in range(3):
+
+    def launch() -> LocalProvider:
         port = free_port()
-        # Keys go through the environment, not argv, so `ps` does not show them.
         cmd = [
             rclone,
             "serve",
@@ -280,30 +290,13 @@ def start_rclone(
             "--log-level",
             "NOTICE",
         ]
-        # The variable is read as a CSV list of pairs: quote the pair to keep it whole.
-        env_keys = f'"{access_key},{secret_key}"'
+        # Keys go through the environment, not argv, so `ps` does not show them. The
+        # variable is read as a CSV list of pairs: quote the pair to keep it whole.
+        env = {**os.environ, "RCLONE_AUTH_KEY": f'"{access_key},{secret_key}"'}
         log = data_dir / "rclone.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as logf:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=data_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, "RCLONE_AUTH_KEY": env_keys},
-            )
-        p = LocalProvider(
+        proc = _spawn(cmd, log, data_dir, env)
+        return LocalProvider(
             "rclone", f"http://127.0.0.1:{port}", access_key, secret_key, data_dir, proc, log
         )
-        try:
-            _wait_ready(p, timeout)
-            return p
-        except ProviderError as e:
-            p.stop()
-            last_error = e
-            if "address already in use" not in p.log_tail(40).lower():
-                raise
-    assert last_error is not None
-    raise last_error
+
+    return _start_on_free_ports(launch, timeout)

@@ -109,18 +109,20 @@ class SegmentPoints:
 
 async def target_points(store: ObjectStore) -> dict[str, Any]:
     """What one target can recover: its LSN range and times, segment by segment."""
-    segnos = sorted(
-        n for n in [parse_segment_key(o.key) async for o in store.list("segments/")] if n
-    )
+    sizes = {
+        n: o.size
+        async for o in store.list("segments/")
+        if (n := parse_segment_key(o.key)) is not None
+    }
+    segnos = sorted(sizes)
     out: dict[str, Any] = {"target": store.name, "segments": len(segnos)}
     if not segnos:
         return {**out, "first_lsn": None, "last_lsn": None}
     head = await store.get(segment_key(segnos[0]), (0, seg.HEADER_SIZE + 4096))
     first = next(seg.iter_records(head), None)
-    sizes = {o.key: o.size async for o in store.list("segments/")}
 
     async def seal_of(segno: int) -> SegmentPoints:
-        size = sizes[segment_key(segno)]
+        size = sizes[segno]
         raw = await store.get(segment_key(segno), (size - seg.SEAL_RECORD_SIZE, size))
         rec = seg.decode_record(raw, f"{store.name}:{segment_key(segno)}")
         return SegmentPoints(segno, seg.parse_seal(rec.payload)[1], rec.time_ns)
