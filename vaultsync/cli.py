@@ -83,6 +83,13 @@ def print_status(st: dict[str, Any]) -> None:
         )
     if v.get("initialized"):
         out.print("  mounted: " + ("yes (live numbers)" if v.get("mounted") else "no"))
+    if v.get("fenced"):
+        f = v["fenced"]
+        out.print(
+            f"  [bold red]FENCED[/]: target {f['target']} holds writer lease epoch "
+            f"{f['lease_epoch']}, this site has epoch {v['epoch']}: another site writes this "
+            "volume. Do not mount here; list unshipped changes with `vaultsync salvage`."
+        )
     table = Table("target", "mode", "health", "watermark", "lag LSNs", "lag", "last error", "where")
     for t in st["targets"]:
         mode = t["mode"]
