@@ -368,6 +368,35 @@ def salvage(
         out.print(f"copied {r.copied} file(s) into {dest}")
 
 
+systemd_app = typer.Typer(help="systemd units for the mount daemon and the API.")
+app.add_typer(systemd_app, name="systemd")
+
+
+@systemd_app.command("install")
+def systemd_install(
+    prefix: Annotated[
+        Path | None,
+        typer.Option(help="Install under DIR instead of / (units go to DIR/etc/systemd/system)."),
+    ] = None,
+    bin_path: Annotated[
+        str | None,
+        typer.Option("--bin", help="The vaultsync executable the units run (default: this one)."),
+    ] = None,
+) -> None:
+    """Write vaultsync-mount@.service and vaultsync-serve@.service; reload systemd if it runs."""
+    from vaultsync.systemd import install
+
+    r = install(prefix, bin_path)
+    for p in r.written:
+        out.print(f"wrote {p}")
+    out.print(f"the units run {r.executable}")
+    out.print("systemctl daemon-reload done" if r.reloaded else r.reload_note)
+    out.print(
+        "next: put the volume's config in /etc/vaultsync/NAME.toml, then "
+        "systemctl enable --now vaultsync-mount@NAME.service"
+    )
+
+
 @app.command()
 def demo(
     directory: Annotated[
