@@ -28,7 +28,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from vaultsync.fuse.mount import lazy_unmount, mounted_at, read_pid
 
 from tests.conftest import _credentials_file
@@ -263,16 +262,3 @@ def test_runbook_recovers_site_b_and_fails_back(
     finally:
         _release(a.mountpoint, a_state, env)
         _release(b_mnt, b_state, env)
-
-
-@pytest.mark.parametrize("name", ["runbook.md"])
-def test_runbook_commands_exist(name: str) -> None:
-    """Every `vaultsync SUBCOMMAND` the doc names is a command the CLI has."""
-    text = (ROOT / "docs" / name).read_text()
-    res = subprocess.run(
-        [sys.executable, "-m", "vaultsync", "--help"], capture_output=True, text=True, timeout=60
-    )
-    assert res.returncode == 0
-    named = set(re.findall(r"`?vaultsync ([a-z]+)", text))
-    known = set(re.findall(r"│ ([a-z]+)\s", res.stdout))
-    assert named and named <= known, f"unknown commands: {sorted(named - known)}"
