@@ -279,3 +279,111 @@ def _wait_caught_up(config: Path, timeout: float = 30) -> None:
             return
         time.sleep(0.5)
     raise AssertionError("the demo's targets did not catch up")
+
+
+# -- docker ---------------------------------------------------------------------------
+
+
+def _compose_cli() -> list[str] | None:
+    """`docker compose` (the v2 plugin) if it works here, else `docker-compose`, else None."""
+    if shutil.which("docker"):
+        r = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if r.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.skipif(
+    _compose_cli() is None,
+    reason="neither `docker compose` nor `docker-compose` is installed (apt: docker-compose)",
+)
+def test_compose_config_validates() -> None:
+    cli = _compose_cli()
+    assert cli is not None
+    r = subprocess.run(
+        [*cli, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert "site-a" in r.stdout and "site-b" in r.stdout
+
+
+def _load_compose() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml")
+    doc: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return doc
+
+
+def test_compose_structure_follows_the_spec_rules_we_rely_on() -> None:
+    doc = _load_compose()
+    services: dict[str, Any] = doc["services"]
+    assert set(services) == {"seaweedfs", "rclone", "buckets", "site-a", "site-b"}
+    named_volumes = set(doc.get("volumes") or {})
+    for name, svc in services.items():
+        assert "image" in svc or "build" in svc, name
+        build = svc.get("build")
+        if build:
+            assert (COMPOSE.parent / build["context"] / build["dockerfile"]).is_file(), name
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            assert cond["condition"] in (
+                "service_started",
+                "service_healthy",
+                "service_completed_successfully",
+            )
+            if cond["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{dep} has no healthcheck"
+        for v in svc.get("volumes") or []:
+            if isinstance(v, str):
+                src = v.split(":")[0]
+                if src.startswith("."):
+                    assert (COMPOSE.parent / src).exists(), f"{name}: {src} missing"
+                else:
+                    assert src in named_volumes, f"{name}: undeclared volume {src}"
+            else:
+                assert v["type"] == "bind" and (COMPOSE.parent / v["source"]).is_dir()
+        hc = svc.get("healthcheck")
+        if hc:
+            assert hc["test"][0] in ("CMD", "CMD-SHELL")
+    # The sites mount FUSE: device, capability, AppArmor, and A's mount shown on the host.
+    for site in ("site-a", "site-b"):
+        s = services[site]
+        assert "/dev/fuse:/dev/fuse" in s["devices"]
+        assert "SYS_ADMIN" in s["cap_add"]
+        assert "apparmor:unconfined" in s["security_opt"]
+    shared = [v for v in services["site-a"]["volumes"] if isinstance(v, dict)]
+    assert shared and shared[0]["bind"]["propagation"] == "rshared"
+    assert services["site-a"]["depends_on"]["buckets"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert services["site-b"]["depends_on"]["site-a"]["condition"] == "service_healthy"
+
+
+def test_both_sites_use_one_config_that_vaultsync_accepts(tmp_path: Path) -> None:
+    doc = _load_compose()
+    env = doc["services"]["site-a"]["environment"]
+    keys = {k: re.sub(r"^\$\{\w+:-(.*)\}$", r"\1", v) for k, v in env.items()}
+    from vaultsync.config import load_config
+
+    cfg = load_config(COMPOSE.parent / "site.toml")
+    assert {t.name: t.mode for t in cfg.targets} == {"seaweedfs": "sync", "rclone": "async"}
+    for t in cfg.targets:
+        assert t.credentials.access_key_id_env in keys
+        assert t.credentials.secret_access_key_env in keys
+        assert len(keys[t.credentials.access_key_id_env]) >= 10  # rclone refuses shorter keys
+
+
+def test_dockerfile_builds_what_the_docs_say() -> None:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim-bookworm AS build" in text
+    for pkg in ("fuse3", "libfuse3-dev", "pkg-config", "gcc"):
+        assert pkg in text
+    # Everything the image copies exists, so a build does not fail on a missing path.
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for part in src.split():
+            assert (ROOT / part).exists(), part
+    readme = (ROOT / "docker" / "README.md").read_text()
+    for flag in ("--device /dev/fuse", "--cap-add SYS_ADMIN", "apparmor:unconfined", "rshared"):
+        assert flag in readme
+    assert "no Docker engine" in readme
