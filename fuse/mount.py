@@ -168,6 +168,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, pyfuse3.terminate)
+    loop.add_signal_handler(signal.SIGUSR1, repl.gc_now.set)  # `vaultsync gc`, mounted
 
     async def housekeeping() -> None:
         while True:

@@ -22,6 +22,7 @@ from typing import Any
 
 from vaultsync.replication.checkpoint import build_checkpoint
 from vaultsync.replication.fetch import fetch_chunk
+from vaultsync.replication.gc import GarbageCollector, GcError, GcReport
 from vaultsync.replication.health import Health
 from vaultsync.replication.shipper import Shipper
 
@@ -49,6 +50,9 @@ class Replicator:
         self._changed = asyncio.Event()
         self._probe_stores: list[ObjectStore] = []
         self._degraded_logged: set[str] = set()
+        self.gc: GarbageCollector | None = None
+        self.gc_now = asyncio.Event()  # set by SIGUSR1 (`vaultsync gc` on a mounted volume)
+        self.gc_last: dict[str, Any] | None = None
 
     async def start(self) -> None:
         for t in self.cfg.targets:
@@ -81,6 +85,53 @@ class Replicator:
         self._tasks.append(asyncio.create_task(self._write_status_loop(), name="repl-status"))
         if self.cfg.replication.checkpoint_every and self.shippers:
             self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="checkpoints"))
+        self.gc = GarbageCollector(
+            self.vol,
+            self.cfg,
+            [s.store for s in self.shippers],
+            lambda: {s.name: s.sealed_wm for s in self.shippers},
+            self.wait_shipped,
+        )
+        self._tasks.append(asyncio.create_task(self._gc_loop(), name="gc"))
+
+    async def wait_shipped(self, segno: int, timeout: float) -> bool:
+        """Wait until every target holds segment `segno` whole."""
+        deadline = time.monotonic() + timeout
+        while any(s.sealed_wm < segno for s in self.shippers):
+            if time.monotonic() >= deadline:
+                return False
+            self._wake_all()
+            await asyncio.sleep(0.1)
+        return True
+
+    async def _gc_loop(self) -> None:
+        interval = self.cfg.retention.gc_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.gc_now.wait(), interval or None)
+            self.gc_now.clear()
+            assert self.gc is not None
+            try:
+                report = await self.gc.run()
+                self.gc_last = {"ok": True, **report.to_json()}
+                log.info(
+                    "gc: %d segment(s) deleted (%d bytes), %d compacted, %d checkpoint(s) dropped",
+                    len(report.segments_deleted),
+                    report.bytes_deleted,
+                    len(report.segments_compacted),
+                    report.checkpoints_dropped,
+                )
+            except (GcError, StoreError) as e:
+                self.gc_last = {"ok": False, "error": str(e), "finished_ns": time.time_ns()}
+                log.warning("gc did not run: %s", e)
+            except Exception as e:
+                self.gc_last = {"ok": False, "error": repr(e), "finished_ns": time.time_ns()}
+                log.exception("gc failed")
+            self._write_status()
+
+    async def run_gc(self, dry_run: bool = False) -> GcReport:
+        assert self.gc is not None
+        return await self.gc.run(dry_run)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """At unmount: give every healthy target a chance to receive what is sealed."""
@@ -198,14 +249,21 @@ class Replicator:
     # -- checkpoints -------------------------------------------------------------------
     async def _checkpoint_loop(self) -> None:
         every = self.cfg.replication.checkpoint_every
+        interval = self.cfg.replication.checkpoint_interval
         done = int(self.vol.catalog.get_meta("checkpoint_lsn") or 0)
+        last_built = time.monotonic()
         pending: tuple[int, int, bytes] | None = None
         sent: set[str] = set()
         while True:
             await asyncio.sleep(self.cfg.replication.checkpoint_check)
             try:
-                if pending is None and self.vol.last_lsn - done >= every:
+                news = self.vol.last_lsn - done
+                due = news >= every or (
+                    interval and news > 0 and time.monotonic() - last_built >= interval
+                )
+                if pending is None and due:
                     pending = await build_checkpoint(self.vol)
+                    last_built = time.monotonic()
                     sent = set()
                 if pending is None:
                     continue
@@ -244,7 +302,7 @@ class Replicator:
                 "retries": sh.stats.retries,
                 **sh.lag(),
             }
-        return {"updated_at": time.time(), "pid": os.getpid(), "targets": out}
+        return {"updated_at": time.time(), "pid": os.getpid(), "targets": out, "gc": self.gc_last}
 
     def _write_status(self) -> None:
         path: Path = self.vol.state_dir / STATUS_FILE

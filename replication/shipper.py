@@ -106,6 +106,10 @@ class Shipper:
         wm = self.vol.catalog.watermarks().get(self.name)
         if wm is not None:
             self.sealed_wm, self.acked_lsn = wm[0], wm[1]
+        # GC deleted the oldest segments everywhere: a new target starts after them.
+        first = next((s["segno"] for s in self.vol.catalog.segments() if s["sealed"]), None)
+        if first is not None and self.sealed_wm < first - 1:
+            self.sealed_wm = first - 1
         # An upload acknowledged just before a crash is not in the catalog yet.
         while self._sealed_row(self.sealed_wm + 1) is not None:
             info = await self.store.head(segment_key(self.sealed_wm + 1))

@@ -173,8 +173,10 @@ class Catalog:
         self.db.execute("SAVEPOINT txn")
         try:
             if chunks:
+                # REPLACE: a chunk stored again (moved by GC compaction, or written anew
+                # after GC dropped it) lives where its newest record is.
                 self.db.executemany(
-                    "INSERT OR IGNORE INTO chunks(id, segno, offset, length, lsn) "
+                    "INSERT OR REPLACE INTO chunks(id, segno, offset, length, lsn) "
                     "VALUES(?, ?, ?, ?, ?)",
                     [
                         (c.id, c.location.segno, c.location.offset, c.location.length, c.lsn)
@@ -273,6 +275,38 @@ class Catalog:
             q = f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})"
             found.update(r[0] for r in self.db.execute(q, part))
         return found
+
+    def chunks_in(self, segno: int) -> list[tuple[bytes, int, int]]:
+        """(id, offset, length) of every chunk whose current copy is in segment `segno`."""
+        rows = self.db.execute(
+            "SELECT id, offset, length FROM chunks WHERE segno=? ORDER BY offset", (segno,)
+        )
+        return [(bytes(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    def referenced(self, ids: Iterable[bytes]) -> set[bytes]:
+        """Which of `ids` a block of the current tree refers to."""
+        ids = list(ids)
+        found: set[bytes] = set()
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            q = f"SELECT DISTINCT chunk FROM blocks WHERE chunk IN ({','.join('?' * len(part))})"
+            found.update(bytes(r[0]) for r in self.db.execute(q, part))
+        return found
+
+    def drop_chunks(self, segno: int, ids: Iterable[bytes]) -> int:
+        """Forget chunks GC found garbage, so no new write deduplicates against them."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+        cur = self.db.executemany(
+            "DELETE FROM chunks WHERE id=? AND segno=?", [(i, segno) for i in ids]
+        )
+        return cur.rowcount
+
+    def forget_segment(self, segno: int) -> None:
+        """A segment GC deleted everywhere: it is no longer part of the journal."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("DELETE FROM segments WHERE segno=?", (segno,))
 
     def note_segment(
         self,

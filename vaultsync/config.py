@@ -46,6 +46,25 @@ def parse_size(value: Any) -> int:
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any) -> float:
+    """Accept 3600, "90s", "30m", "12h", "7d" or "2w", in seconds."""
+    if isinstance(value, bool):
+        raise ValueError('must be a duration such as 3600 or "7d"')
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _SECONDS[m.group(2).lower()]
+    raise ValueError(f'must be a duration such as 3600, "30m", "12h" or "7d" (got {value!r})')
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 
@@ -194,12 +213,33 @@ class ReplicationConfig(_Strict):
     # every checkpoint_check seconds.
     checkpoint_every: int = Field(default=20000, ge=0)
     checkpoint_check: float = Field(default=30.0, gt=0, le=3600)
+    # ... and at least this often while transactions keep coming (0: count only), so
+    # that retention has points to keep outside its keep-everything window.
+    checkpoint_interval: Duration = Field(default=600.0, ge=0)
+
+
+class RetentionConfig(_Strict):
+    """Which points stay recoverable (docs/format.md §2.6); GC deletes what none needs."""
+
+    # Every point younger than this stays recoverable.
+    keep_all: Duration = Field(default=7 * 86400.0, ge=0)
+    # Older than that: the newest checkpoint of each of the last N hours, days, weeks
+    # (ISO weeks) and months stays recoverable. Named snapshots stay until deleted.
+    hourly: int = Field(default=24, ge=0)
+    daily: int = Field(default=14, ge=0)
+    weekly: int = Field(default=8, ge=0)
+    monthly: int = Field(default=12, ge=0)
+    # How often the mount daemon runs GC (0: only `vaultsync gc`).
+    gc_interval: Duration = Field(default=3600.0, ge=0)
+    # A segment whose live bytes fall below this share of its size is compacted.
+    compact_below: float = Field(default=0.5, ge=0, le=1)
 
 
 class Config(_Strict):
     volume: VolumeConfig
     targets: list[TargetConfig] = Field(default_factory=list)
     replication: ReplicationConfig = ReplicationConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

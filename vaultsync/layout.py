@@ -80,3 +80,12 @@ def checkpoint_key(lsn: int, time_ns: int) -> str:
 def parse_checkpoint_key(key: str) -> tuple[int, int] | None:
     m = _CKPT_RE.match(key)
     return (int(m.group(1), 16), int(m.group(2), 16)) if m else None
+
+
+RETAINED_KEY = "retained.json"
+RELOCATIONS = "relocations/"
+
+
+def relocation_key(segno: int) -> str:
+    """Where the chunks of a garbage-collected segment `segno` went (§2.6)."""
+    return f"{RELOCATIONS}{segno:016x}.json"

@@ -31,14 +31,18 @@ from vaultsync.header import VolumeHeader
 from vaultsync.journal import Location
 from vaultsync.layout import (
     CHECKPOINTS,
+    RETAINED_KEY,
     checkpoint_key,
     contiguous_end,
     parse_checkpoint_key,
     parse_segment_key,
     parse_tail_key,
+    relocation_key,
+    segment_key,
     tail_prefix,
 )
-from vaultsync.objectstore import ObjectStore
+from vaultsync.objectstore import ObjectMissingError, ObjectStore
+from vaultsync.retention import Retained
 from vaultsync.snapshots import snapshot_key
 from vaultsync.targets import read_remote_header
 from vaultsync.txn import Transaction
@@ -108,6 +112,41 @@ async def snapshot_lsn(store: ObjectStore, name: str) -> int:
         return int(json.loads(await store.get(key))["lsn"])
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"target {store.name!r}: {key} is malformed ({e})") from None
+
+
+async def read_retained(store: ObjectStore) -> Retained | None:
+    """What GC keeps recoverable at this target (§2.6); None if GC never ran there."""
+    try:
+        doc = json.loads(await store.get(RETAINED_KEY))
+        return Retained.from_json(doc)
+    except ObjectMissingError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"target {store.name!r}: {RETAINED_KEY} is malformed ({e})") from None
+
+
+async def read_relocation(store: ObjectStore, segno: int) -> dict[bytes, Location]:
+    """Where the chunks of GC-deleted segment `segno` went; empty if it left no record."""
+    try:
+        doc = json.loads(await store.get(relocation_key(segno)))
+        return {
+            bytes.fromhex(k): Location(int(v[0]), int(v[1]), int(v[2]))
+            for k, v in doc["chunks"].items()
+        }
+    except ObjectMissingError:
+        return {}
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise FormatError(
+            f"target {store.name!r}: {relocation_key(segno)} is malformed ({e})"
+        ) from None
+
+
+def _not_retained(store: ObjectStore, what: str, kept: Retained) -> PointError:
+    return PointError(
+        f"{what} is no longer retained at target {store.name!r} (garbage collection thinned "
+        f"it); the oldest point it holds is LSN {kept.oldest_lsn()}. "
+        "See `vaultsync points` for what can be recovered"
+    )
 
 
 def _image_schema(path: Path) -> int | None:
@@ -194,22 +233,27 @@ async def rebuild(
         )
     keys = header.unlock(passphrase)
     codec = Codec(header.compression_level, keys)
-    stop_lsn = point.lsn
+    stop_lsn, stop_ns = point.lsn, point.time_ns
     if point.snapshot is not None:
         stop_lsn = await snapshot_lsn(store, point.snapshot)
+    kept = await read_retained(store)
+    if kept is not None:
+        if stop_lsn is not None and not kept.covers(stop_lsn):
+            raise _not_retained(store, point.describe(), kept)
+        window = kept.ranges[0].base if kept.ranges else None
+        if stop_ns is not None and (window is None or stop_ns < window.time_ns):
+            # Older than the keep-everything window: the newest retained point before it.
+            older = kept.newest_at_or_before(stop_ns)
+            if older is None:
+                raise _not_retained(store, point.describe(), kept)
+            stop_lsn, stop_ns = older.lsn, None
     found = [parse_segment_key(o.key) async for o in store.list("segments/")]
     segnos = sorted(n for n in found if n is not None)
-    if segnos and segnos != list(range(segnos[0], segnos[0] + len(segnos))):
-        missing = sorted(set(range(segnos[0], segnos[-1] + 1)) - set(segnos))
-        raise VolumeError(
-            f"target {store.name!r} is missing segment(s) {missing[:5]}; run `vaultsync verify` "
-            "at the writer, or recover from another target"
-        )
     state_dir.mkdir(parents=True, exist_ok=True)
     cat_path = state_dir / "catalog.db"
     for suffix in ("", "-wal", "-shm"):
         Path(str(cat_path) + suffix).unlink(missing_ok=True)
-    ckpt = await _pick_checkpoint(store, stop_lsn, point.time_ns) if use_checkpoint else None
+    ckpt = await _pick_checkpoint(store, stop_lsn, stop_ns) if use_checkpoint else None
     if ckpt is not None:
         key = checkpoint_key(*ckpt)
         rec = seg.decode_record(await store.get(key), f"target {store.name!r} {key}")
@@ -235,9 +279,12 @@ async def rebuild(
         start = max(covered, default=0) + 1
         segnos = [n for n in segnos if n >= start]
 
+    gap = False
+
     def apply_segment(segno: int, data: bytes, complete: bool) -> bool:
-        """Apply what the point admits; False once past it."""
-        nonlocal first_time
+        """Apply what the point admits; False once past it, or at a gap in history
+        (segments garbage-collected because no retained point needs them)."""
+        nonlocal first_time, gap
         where = f"target {store.name!r} segment {segno}"
         scan = seg.scan_segment(data, where)
         if scan.header.volume_id != header.volume_id or scan.header.segment_no != segno:
@@ -254,11 +301,17 @@ async def rebuild(
                     StoredChunk(rec.payload[:32], Location(segno, off, rec.size), rec.lsn)
                 )
             elif rec.type is seg.RecordType.TXN:
+                if rec.lsn <= result.lsn:
+                    pending = []
+                    continue  # already in the checkpoint image
+                if rec.lsn != result.lsn + 1:
+                    gap = True
+                    return False
                 if first_time is None:
                     first_time = rec.time_ns
                 if stop_lsn is not None and rec.lsn > stop_lsn:
                     return False
-                if point.time_ns is not None and rec.time_ns > point.time_ns:
+                if stop_ns is not None and rec.time_ns > stop_ns:
                     return False
                 catalog.apply(rec.lsn, Transaction.decode(codec.decode_txn(rec)), pending)
                 pending = []
@@ -285,7 +338,7 @@ async def rebuild(
             break
     if fetch is not None:
         fetch.cancel()
-    if going:
+    if going and not gap:
         nxt = (segnos[-1] + 1) if segnos else 1
         pieces: dict[tuple[int, int], str] = {}
         async for o in store.list(tail_prefix(nxt)):
@@ -305,12 +358,17 @@ async def rebuild(
             await asyncio.to_thread(cache.put, nxt, bytes(buf))
             await asyncio.to_thread(apply_segment, nxt, bytes(buf), False)
             result.tail = (nxt, len(buf))
-    if point.time_ns is not None and first_time is not None and point.time_ns < first_time:
+    if stop_ns is not None and first_time is not None and stop_ns < first_time:
         catalog.close()
         first = datetime.fromtimestamp(first_time / 1e9, UTC).isoformat()
         raise PointError(f"{point.describe()} is before the first point of the volume ({first})")
+    if kept is not None and result.lsn and not kept.covers(result.lsn):
+        catalog.close()
+        raise _not_retained(store, point.describe(), kept)
     if result.lsn == 0:
         catalog.close()
+        if gap and kept is not None:
+            raise _not_retained(store, point.describe(), kept)
         raise PointError(f"target {store.name!r} holds no transaction yet")
     if stop_lsn is not None and result.lsn < stop_lsn:
         catalog.close()
@@ -345,16 +403,31 @@ class RecoveredVolume:
         self.store = store
         self.cache = cache
         self.last_lsn = rebuilt.lsn
+        self._moved: dict[int, dict[bytes, Location]] = {}
 
     async def read_chunk(self, cid: bytes) -> bytes:
         loc = self.catalog.chunk_location(cid)
         if loc is None:
             raise VolumeError(f"chunk {cid.hex()[:16]}… is not in the catalog")
         raw = await asyncio.to_thread(self.cache.read, loc)
+        for _hop in range(16):
+            if raw is not None:
+                break
+            try:
+                raw = await self.store.get(
+                    segment_key(loc.segno), (loc.offset, loc.offset + loc.length)
+                )
+            except ObjectMissingError:
+                # GC deleted that segment after moving the chunk on (§2.6).
+                moved = self._moved.get(loc.segno)
+                if moved is None:
+                    moved = self._moved[loc.segno] = await read_relocation(self.store, loc.segno)
+                if cid not in moved:
+                    raise
+                loc = moved[cid]
+                raw = await asyncio.to_thread(self.cache.read, loc)
         if raw is None:
-            raw = await self.store.get(
-                f"segments/{loc.segno:016x}.seg", (loc.offset, loc.offset + loc.length)
-            )
+            raise VolumeError(f"chunk {cid.hex()[:16]}… was moved too often to follow")
         rec = seg.decode_record(raw, f"target {self.store.name!r} segment {loc.segno}")
         return await asyncio.to_thread(self.codec.decode_chunk, rec, cid)
 

@@ -129,10 +129,23 @@ async def target_points(store: ObjectStore) -> dict[str, Any]:
 
     seals = await asyncio.gather(*(seal_of(n) for n in segnos))
     tails = [o.key async for o in store.list(tail_prefix(segnos[-1] + 1))]
+    from vaultsync.recovery import read_retained  # recovery imports this module
+
+    kept = await read_retained(store)
+    if kept is not None:
+        # After GC: whole history from the window's base on, thinned points before it.
+        out["retained"] = kept.to_json(0) | {"oldest_lsn": kept.oldest_lsn()}
+        out["retained"].pop("gc_ns")
+    first_lsn, first_ns = (first[1].lsn, first[1].time_ns) if first else (None, None)
+    if kept is not None:
+        oldest = min(kept.points, default=None, key=lambda p: p.lsn)
+        first_lsn = kept.oldest_lsn()
+        if oldest is not None and oldest.lsn == first_lsn:
+            first_ns = oldest.time_ns
     return {
         **out,
-        "first_lsn": first[1].lsn if first else None,
-        "first_time_ns": first[1].time_ns if first else None,
+        "first_lsn": first_lsn,
+        "first_time_ns": first_ns,
         "last_lsn": seals[-1].last_lsn,
         "last_time_ns": seals[-1].sealed_ns,
         "open_tail_pieces": len(tails),

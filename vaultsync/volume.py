@@ -43,7 +43,7 @@ from vaultsync.crypto import VolumeKeys
 from vaultsync.errors import CryptoError, FormatError, ReadOnlyVolumeError, VolumeError
 from vaultsync.header import HEADER_KEY, VolumeHeader
 from vaultsync.journal import Journal, Location, RecoveryReport
-from vaultsync.txn import Op, SetInode, Transaction
+from vaultsync.txn import Op, SetBlocks, SetInode, Transaction
 
 ROOT_INO = 1
 CATALOG_FILE = "catalog.db"
@@ -115,6 +115,9 @@ class Volume:
         self.replicate: Callable[[tuple[int, int], int], Awaitable[None]] | None = None
         # Set by the replicator: read a chunk record from the targets (verified by id).
         self.fetch_remote: Callable[[Location, bytes], Awaitable[bytes]] | None = None
+        # While GC decides what is garbage, every chunk id a new transaction refers to
+        # is noted here, so that GC never drops a chunk a concurrent write just reused.
+        self.gc_watch: set[bytes] | None = None
 
     # -- lifecycle ----------------------------------------------------------
     @classmethod
@@ -263,15 +266,28 @@ class Volume:
         )
         return a + b
 
-    def commit_nowait(self, ops: Iterable[Op], chunks: Sequence[PreparedChunk] = ()) -> int:
-        """Append and apply one transaction; durable only after `sync()`. Returns its LSN."""
+    def commit_nowait(
+        self, ops: Iterable[Op], chunks: Sequence[PreparedChunk] = (), *, relocate: bool = False
+    ) -> int:
+        """Append and apply one transaction; durable only after `sync()`. Returns its LSN.
+
+        `relocate` stores `chunks` even when their ids are known: GC compaction moves
+        live chunks out of a mostly-garbage segment this way.
+        """
         if self._failed is not None:
             raise self._failed
         txn = Transaction(tuple(ops))
         body = txn.encode()
         lsn = self._next_lsn
         now = time.time_ns()
-        known = self.catalog.known_chunks(c.id for c in chunks) if chunks else set()
+        if self.gc_watch is not None:
+            self.gc_watch.update(c.id for c in chunks)
+            for op in txn.ops:
+                if isinstance(op, SetBlocks):
+                    self.gc_watch.update(bytes.fromhex(b[1]) for b in op.blocks if b[1])
+        known = (
+            self.catalog.known_chunks(c.id for c in chunks) if chunks and not relocate else set()
+        )
         fresh: dict[bytes, PreparedChunk] = {}
         for c in chunks:
             if c.id not in known and c.id not in fresh:
