@@ -30,6 +30,7 @@ from .paths import restore_destination, volume_path
 
 WEB = Path(__file__).parent / "web"
 SNAPSHOT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+JobId = Annotated[str, PathParam(max_length=64)]
 
 
 class SnapshotIn(BaseModel):
@@ -133,8 +134,6 @@ def create_app(backend: Backend, auth: Auth) -> FastAPI:
     @app.get("/v1/restores", dependencies=[read], summary="Restore jobs, newest last")
     async def restore_list() -> list[dict[str, Any]]:
         return [j.public() for j in backend.jobs.list()]
-
-    JobId = Annotated[str, PathParam(max_length=64)]
 
     @app.get("/v1/restores/{job_id}", dependencies=[read], summary="One job's progress")
     async def restore_get(job_id: JobId) -> dict[str, Any]:

@@ -111,8 +111,15 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
         path: str,
         at: At = None,
         cursor: Annotated[int, Query(ge=0, le=2**62)] = 0,
-        limit: Annotated[int, Query(ge=1, le=max_page)] = min(200, max_page),
+        limit: Annotated[
+            int | None, Query(ge=1, le=100000, description="Default 200; at most api.max_page.")
+        ] = None,
     ) -> dict[str, Any]:
+        limit = limit or min(200, max_page)
+        if limit > max_page:
+            raise ApiError(
+                400, "page_too_large", f"limit is at most {max_page} (api.max_page) on this server"
+            )
         clean = volume_path(path)
         async with backend.views.use(at) as view:
             node = _lookup(view, clean)

@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,9 +51,7 @@ class Job:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("task")
-        return d
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task"}
 
 
 class Jobs:
