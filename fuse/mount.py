@@ -180,6 +180,18 @@ async def _serve(
                 log.exception("background flush failed")
 
     keeper = asyncio.ensure_future(housekeeping())
+    api = None
+    if cfg.api.enabled:  # the REST API on this same event loop, reading the live FileSystem
+        from vaultsync.api.server import start_embedded
+
+        try:
+            api = await start_embedded(cfg, fs, passphrase)
+        except BaseException:
+            keeper.cancel()
+            pyfuse3.close(unmount=True)
+            await repl.stop()
+            await vol.close()
+            raise
     log.info("volume %s mounted at %s", v.name, mountpoint)
     if ready is not None:
         ready.set()
@@ -188,6 +200,8 @@ async def _serve(
         await pyfuse3.main()
         unmounted = True  # main() returns after the kernel unmounted us (umount/fusermount)
     finally:
+        if api is not None:
+            await api.stop()
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keeper

@@ -18,7 +18,8 @@ as_root() {
 
 system_packages() {
     # fuse3 gives fusermount3; libfuse3-dev + pkg-config + a compiler build pyfuse3.
-    local want=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
+    # chromium + chromium-driver: the restore web page's headless browser test.
+    local want=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv chromium chromium-driver)
     local missing=()
     for p in "${want[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -546,6 +546,16 @@ def version() -> None:
     out.print(__version__)
 
 
+def _register_api() -> None:
+    from vaultsync.api.commands import serve, token_app
+
+    app.command()(serve)
+    app.add_typer(token_app, name="token")
+
+
+_register_api()
+
+
 def main() -> None:
     try:
         app()

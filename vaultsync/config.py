@@ -235,11 +235,90 @@ class RetentionConfig(_Strict):
     compact_below: float = Field(default=0.5, ge=0, le=1)
 
 
+class ApiToken(_Strict):
+    """A bearer token, kept only as its hash (`vaultsync token new` prints both once)."""
+
+    name: str = Field(pattern=NAME_RE)
+    hash: str
+    scope: Literal["read", "admin"] = "read"
+
+    @field_validator("hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", v):
+            raise ValueError(
+                'must be "sha256:" and 64 hex digits, as printed by `vaultsync token new` '
+                "(the token itself never goes in the config)"
+            )
+        return v
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'must be HOST:PORT such as "127.0.0.1:8470" (got {value!r})')
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiConfig(_Strict):
+    """`[api]`: the REST restore API (`vaultsync serve`, or inside `vaultsync mount`)."""
+
+    # true: `vaultsync mount` serves the API too, on the mount's event loop.
+    enabled: bool = False
+    listen: str = "127.0.0.1:8470"
+    tokens: list[ApiToken] = Field(default_factory=list)
+    # No token needed, only ever on a loopback address: for a single-user machine.
+    open_on_loopback: bool = False
+    # Restore jobs write only under these directories.
+    restore_roots: list[Path] = Field(default_factory=list)
+    # Where the mount daemon's API rebuilds past points from (default: the first target).
+    from_target: str | None = None
+    max_page: int = Field(default=1000, ge=1, le=100000)
+    point_cache: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        _host_port(v)
+        return v
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> ApiConfig:
+        names = [t.name for t in self.tokens]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"api.tokens: duplicate token name {sorted(dup)[0]!r}")
+        for r in self.restore_roots:
+            if not r.is_absolute():
+                raise ValueError(f"api.restore_roots: {str(r)!r} must be an absolute path")
+        if self.open_on_loopback and not is_loopback(_host_port(self.listen)[0]):
+            raise ValueError(
+                f"api.open_on_loopback: only allowed when api.listen is a loopback address "
+                f"(got {self.listen!r}); use tokens for a server others can reach"
+            )
+        return self
+
+    def host_port(self) -> tuple[str, int]:
+        return _host_port(self.listen)
+
+
 class Config(_Strict):
     volume: VolumeConfig
     targets: list[TargetConfig] = Field(default_factory=list)
     replication: ReplicationConfig = ReplicationConfig()
     retention: RetentionConfig = RetentionConfig()
+    api: ApiConfig = ApiConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -252,6 +331,11 @@ class Config(_Strict):
         if q is not None and q > n_sync:
             raise ValueError(
                 f'replication.quorum: is {q} but only {n_sync} target(s) have mode = "sync"'
+            )
+        if self.api.from_target is not None and self.api.from_target not in names:
+            raise ValueError(
+                f"api.from_target: no target named {self.api.from_target!r} "
+                f"(targets: {', '.join(names) or 'none'})"
             )
         return self
 
@@ -313,7 +397,7 @@ def _explain(err: ValidationError) -> str:
     elif kind == "string_pattern_mismatch":
         msg = "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
     # Cross-field messages already name their key.
-    if msg.startswith(("targets:", "replication.")):
+    if msg.startswith(("targets:", "replication.", "api.")):
         return msg
     return f"{_loc(loc)}: {msg}"
 
@@ -334,6 +418,12 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
     vol = data.get("volume")
     fix(vol, "state_dir")
     fix(vol, "passphrase_file")
+    api = data.get("api")
+    if isinstance(api, dict) and isinstance(api.get("restore_roots"), list):
+        api["restore_roots"] = [
+            str(base / Path(r).expanduser()) if isinstance(r, str) else r
+            for r in api["restore_roots"]
+        ]
     targets = data.get("targets")
     if isinstance(targets, list):
         for t in targets:

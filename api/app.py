@@ -1,0 +1,167 @@
+"""The FastAPI application: routes under /v1, /metrics, the web page at /ui/.
+
+Built around a `Backend` (what is served) and an `Auth` (who may ask), so
+the same app runs standalone against one target and inside the mount daemon.
+Reads need the read scope, snapshots and restore jobs the admin scope;
+/v1/health, /openapi.json and the page's static files need nothing (the page
+asks for a token and sends it with every API call).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, Depends, FastAPI, Query
+from fastapi import Path as PathParam
+from fastapi.responses import PlainTextResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from vaultsync import __version__
+
+from . import files
+from .auth import Auth
+from .backend import Backend
+from .errors import install_error_handlers
+from .limits import LimitRequests, Message, Receive, Scope, Send
+from .metrics import Metrics
+from .paths import restore_destination, volume_path
+
+WEB = Path(__file__).parent / "web"
+SNAPSHOT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+JobId = Annotated[str, PathParam(max_length=64)]
+
+
+class SnapshotIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=SNAPSHOT_NAME, description="1-128 letters, digits, '.', '_', '-'.")
+    lsn: int | None = Field(default=None, ge=1, le=2**62, description="Default: now.")
+
+
+class RestoreIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096, description="File or directory in the volume.")
+    at: str = Field(default="", max_length=200, description="As `--at`; empty: newest.")
+    destination: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Under one of api.restore_roots (relative: under the first one).",
+    )
+    force: bool = Field(default=False, description="Overwrite files that differ.")
+
+
+class CountRequests:
+    """Counts each request by its route template once the response has started."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def watch(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = int(msg["status"])
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"
+            self.metrics.count(scope.get("method", "?"), name, status or 500)
+
+
+def create_app(backend: Backend, auth: Auth) -> FastAPI:
+    app = FastAPI(
+        title="vaultsync restore API",
+        version=__version__,
+        description="Points in time, browsing, downloads and restore jobs of one vaultsync volume.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    metrics = Metrics()
+    install_error_handlers(app)
+    read, admin = Depends(auth.need("read")), Depends(auth.need("admin"))
+
+    @app.get("/v1/health", summary="Liveness (no token needed)")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "mode": "live" if backend.writer else "standalone",
+            "target": backend.target,
+            "version": __version__,
+        }
+
+    @app.get("/v1/status", dependencies=[read], summary="As `vaultsync status --json`")
+    async def status(probe: bool = True) -> dict[str, Any]:
+        return await backend.status(probe)
+
+    @app.get("/v1/points", dependencies=[read], summary="Recoverable points per target")
+    async def points() -> dict[str, Any]:
+        return await backend.points()
+
+    @app.get("/v1/snapshots", dependencies=[read], summary="Named snapshots")
+    async def snapshots() -> list[dict[str, Any]]:
+        return await backend.snapshots()
+
+    @app.post(
+        "/v1/snapshots", dependencies=[admin], status_code=201, summary="Create (writer only)"
+    )
+    async def snapshot_create(body: Annotated[SnapshotIn, Body()]) -> dict[str, Any]:
+        return await backend.create_snapshot(body.name, body.lsn)
+
+    @app.delete("/v1/snapshots/{name}", dependencies=[admin], summary="Delete (writer only)")
+    async def snapshot_delete(
+        name: Annotated[str, PathParam(pattern=SNAPSHOT_NAME)],
+    ) -> dict[str, Any]:
+        return {"name": name, "deleted_at": await backend.delete_snapshot(name)}
+
+    app.include_router(files.router(backend, auth, metrics))
+
+    @app.post("/v1/restores", dependencies=[admin], status_code=202, summary="Start a restore")
+    async def restore_start(body: Annotated[RestoreIn, Body()]) -> dict[str, Any]:
+        path = volume_path(body.path)
+        dest = restore_destination(body.destination, list(backend.cfg.api.restore_roots))
+        return backend.jobs.start(path, body.at, dest, body.force).public()
+
+    @app.get("/v1/restores", dependencies=[read], summary="Restore jobs, newest last")
+    async def restore_list() -> list[dict[str, Any]]:
+        return [j.public() for j in backend.jobs.list()]
+
+    @app.get("/v1/restores/{job_id}", dependencies=[read], summary="One job's progress")
+    async def restore_get(job_id: JobId) -> dict[str, Any]:
+        return backend.jobs.get(job_id).public()
+
+    @app.post("/v1/restores/{job_id}/cancel", dependencies=[admin], summary="Cancel a job")
+    async def restore_cancel(job_id: JobId) -> dict[str, Any]:
+        return (await backend.jobs.cancel(job_id)).public()
+
+    @app.get(
+        "/metrics",
+        dependencies=[read],
+        response_class=PlainTextResponse,
+        summary="Prometheus metrics",
+    )
+    async def prometheus(
+        probe: Annotated[bool, Query(description="Probe the targets too.")] = False,
+    ) -> PlainTextResponse:
+        st = await backend.status(probe)
+        v = backend.views
+        text = metrics.render(st, (v.size, v.hits, v.misses), backend.jobs.counts())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    app.mount("/ui", StaticFiles(directory=WEB, html=True), name="ui")
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(LimitRequests)
+    return app

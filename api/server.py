@@ -1,0 +1,141 @@
+"""Running the API: standalone (`vaultsync serve`) or as a task in the mount daemon.
+
+The listening socket is bound here, before uvicorn starts, so "address in
+use" becomes a one-line error instead of uvicorn exiting the whole process
+(which, inside the mount daemon, would take the mount down with it). The
+embedded server leaves signals to the mount: uvicorn's own handlers are
+switched off and it is stopped by `should_exit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from vaultsync.config import Config, _host_port, is_loopback
+from vaultsync.errors import ConfigError
+from vaultsync.filesystem import FileSystem
+
+from .app import create_app
+from .auth import Auth
+from .backend import Backend
+
+log = logging.getLogger("vaultsync.api")
+
+
+def check_serving(cfg: Config, listen: str) -> tuple[str, int]:
+    """Refuse a server nobody could use safely: no way in, or an open one off loopback."""
+    try:
+        host, port = _host_port(listen)
+    except ValueError as e:
+        raise ConfigError(f"--listen: {e}") from None
+    api = cfg.api
+    if api.open_on_loopback and not is_loopback(host):
+        raise ConfigError(
+            f"api.open_on_loopback is only allowed on a loopback address, not {listen}; "
+            "configure api.tokens to listen there"
+        )
+    if not api.tokens and not api.open_on_loopback:
+        raise ConfigError(
+            "api.tokens: no token is configured, so nobody could use the API; add one "
+            "(`vaultsync token new` prints the line), or set api.open_on_loopback = true "
+            "for a server on 127.0.0.1"
+        )
+    for root in api.restore_roots:
+        if not root.is_dir():
+            raise ConfigError(f"api.restore_roots: {root} is not an existing directory; create it")
+    return host, port
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"api: cannot listen on {host}:{port}: {e.strerror}; choose another --listen / "
+            "api.listen"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to its host process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=True,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+async def serve_standalone(
+    cfg: Config, target: str, passphrase: str | None, listen: str | None
+) -> None:
+    host, port = check_serving(cfg, listen or cfg.api.listen)
+    sock = _bind(host, port)
+    backend = Backend(cfg, target, passphrase)
+    await backend.start()
+    try:
+        app = create_app(backend, Auth(cfg.api, host))
+        server = uvicorn.Server(_uvicorn_config(app, host, port))
+        log.info("serving %s from target %s on http://%s:%d/", cfg.volume.name, target, host, port)
+        await server.serve(sockets=[sock])
+    finally:
+        await backend.close()
+        sock.close()
+
+
+class EmbeddedApi:
+    """The API as a task on the mount daemon's event loop; `stop()` before unmounting."""
+
+    def __init__(self, server: uvicorn.Server, task: asyncio.Task[None], backend: Backend) -> None:
+        self.server = server
+        self.task = task
+        self.backend = backend
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self.task, 15)
+        await self.backend.close()
+
+
+async def start_embedded(cfg: Config, fs: FileSystem, passphrase: str | None) -> EmbeddedApi:
+    host, port = check_serving(cfg, cfg.api.listen)
+    sock = _bind(host, port)
+    backend = Backend(cfg, None, passphrase, live=fs)
+    await backend.start()
+    app = create_app(backend, Auth(cfg.api, host))
+    server = _QuietServer(_uvicorn_config(app, host, port))
+
+    async def run() -> None:
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            sock.close()
+
+    task = asyncio.create_task(run(), name="api")
+    log.info("API of %s on http://%s:%d/", cfg.volume.name, host, port)
+    return EmbeddedApi(server, task, backend)

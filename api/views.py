@@ -1,0 +1,148 @@
+"""Point views: the volume as of a point, rebuilt from a target, kept in a small LRU.
+
+Rebuilding a point replays segments (recovery.rebuild), which costs seconds,
+so the last few views are kept and shared by every request that names the
+same point. A view in use by a download is never closed under it: eviction
+only marks it, and the last user closes it. The newest point ("latest", or
+a time close to now) can grow as the target receives segments, so such
+views expire after a few seconds; a past LSN, time or snapshot never
+changes. Rebuilds run one at a time: they share the segment cache, and two
+cores serve everyone.
+
+In the mount daemon, "latest" is the live head itself: the daemon's own
+FileSystem, dirty buffers included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vaultsync.filesystem import FileSystem
+from vaultsync.objectstore import ObjectStore
+from vaultsync.recovery import PointSpec, RecoveredVolume, SegmentCache, parse_point, rebuild
+
+FRESH_SECONDS = 5.0
+LIVE_WORDS = ("", "latest", "now", "live")
+
+
+@dataclass
+class View:
+    fs: FileSystem
+    lsn: int
+    time_ns: int
+    live: bool
+    volume_id: str
+    vol: RecoveredVolume | None = None
+    directory: Path | None = None
+    made: float = field(default_factory=time.monotonic)
+    users: int = 0
+    evicted: bool = False
+
+    async def close(self) -> None:
+        if self.vol is not None:
+            await self.vol.close()
+        if self.directory is not None:
+            await asyncio.to_thread(shutil.rmtree, self.directory, True)
+
+
+class PointViews:
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache_dir: Path,
+        passphrase: str | None,
+        capacity: int,
+        segment_cache_bytes: int = 1 << 30,
+        live: FileSystem | None = None,
+    ) -> None:
+        self.store = store
+        self.dir = cache_dir
+        self.passphrase = passphrase
+        self.capacity = capacity
+        self.segments = SegmentCache(cache_dir / "segments", segment_cache_bytes)
+        self.live = live
+        self._views: OrderedDict[PointSpec, View] = OrderedDict()
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self.hits = 0
+        self.misses = 0
+
+    def _fresh(self, spec: PointSpec, view: View) -> bool:
+        moving = spec == PointSpec() or (
+            spec.time_ns is not None and spec.time_ns > time.time_ns() - FRESH_SECONDS * 1e9
+        )
+        return not moving or time.monotonic() - view.made < FRESH_SECONDS
+
+    async def acquire(self, at: str | None) -> View:
+        """The view for `at` (CLI --at syntax), counted as in use until `release`."""
+        text = (at or "").strip()
+        if self.live is not None and text in LIVE_WORDS:
+            vol = self.live.vol
+            return View(self.live, vol.last_lsn, time.time_ns(), True, vol.header.volume_id_hex)
+        spec = parse_point(text)
+        async with self._lock:
+            view = self._views.get(spec)
+            if view is not None and self._fresh(spec, view):
+                self._views.move_to_end(spec)
+                self.hits += 1
+            else:
+                if view is not None:
+                    await self._evict(spec)
+                self.misses += 1
+                view = await self._build(spec)
+                self._views[spec] = view
+                while len(self._views) > self.capacity:
+                    await self._evict(next(iter(self._views)))
+            view.users += 1
+            return view
+
+    async def release(self, view: View) -> None:
+        if view.live:
+            return
+        view.users -= 1
+        if view.evicted and view.users == 0:
+            await view.close()
+
+    @contextlib.asynccontextmanager
+    async def use(self, at: str | None) -> AsyncIterator[View]:
+        view = await self.acquire(at)
+        try:
+            yield view
+        finally:
+            await self.release(view)
+
+    async def _evict(self, spec: PointSpec) -> None:
+        view = self._views.pop(spec)
+        view.evicted = True
+        if view.users == 0:
+            await view.close()
+
+    async def _build(self, spec: PointSpec) -> View:
+        where = self.dir / f"point-{next(self._ids)}"
+        try:
+            rebuilt, keys = await rebuild(self.store, where, self.passphrase, spec, self.segments)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, where, True)
+            raise
+        vol = RecoveredVolume(where, rebuilt, keys, self.store, self.segments)
+        fs = FileSystem(vol, cache_limit=16 << 20)  # type: ignore[arg-type]
+        return View(
+            fs, rebuilt.lsn, rebuilt.time_ns, False, rebuilt.header.volume_id_hex, vol, where
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self._views)
+
+    async def close(self) -> None:
+        async with self._lock:
+            for spec in list(self._views):
+                await self._evict(spec)
