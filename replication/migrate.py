@@ -181,7 +181,10 @@ class _Run:
     # -- reading a good copy ---------------------------------------------------------
     async def _check(self, item: Item, data: bytes) -> int | None:
         if len(data) > 1 << 20:
-            return await asyncio.to_thread(check_object, item, data, self.header, self.codec)
+            lsn: int | None = await asyncio.to_thread(
+                check_object, item, data, self.header, self.codec
+            )
+            return lsn
         return check_object(item, data, self.header, self.codec)
 
     async def fetch_good(self, item: Item) -> tuple[bytes, int | None]:
