@@ -52,7 +52,6 @@ def migrate(
     from rich.progress import (
         BarColumn,
         DownloadColumn,
-        MofNCompleteColumn,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
@@ -68,8 +67,7 @@ def migrate(
     with Bar(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("objects"),
+        TextColumn("{task.fields[done]}/{task.fields[objects]} objects"),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
@@ -77,22 +75,19 @@ def migrate(
         transient=True,
         disable=as_json or dry_run,
     ) as bar:
-        objects = bar.add_task(f"{from_target} → {to_target}", total=0)
-        nbytes = bar.add_task("", total=0, visible=False)
+        # One task: its completed/total are bytes (rate, ETA); objects ride along as fields.
+        task = bar.add_task(f"{from_target} → {to_target}", total=0, done=0, objects=0)
 
         class BarProgress(Progress):  # type: ignore[misc]
             def planned(self, n: int, b: int) -> None:
-                t = bar.tasks[objects]
-                bar.update(objects, total=(t.total or 0) + n)
-                # one bar: objects as M/N, bytes as its completed/total size
-                bar.update(nbytes, total=(bar.tasks[nbytes].total or 0) + b)
+                t = bar.tasks[task]
+                bar.update(task, total=(t.total or 0) + b, objects=t.fields["objects"] + n)
 
             def advanced(self, n: int, b: int) -> None:
-                bar.advance(objects, n)
-                bar.advance(nbytes, b)
+                bar.update(task, advance=b, done=bar.tasks[task].fields["done"] + n)
 
             def note(self, text: str) -> None:
-                bar.update(objects, description=f"{from_target} → {to_target}: {text}")
+                bar.update(task, description=f"{from_target} → {to_target}: {text}")
 
         report = asyncio.run(
             run_migrate(
