@@ -10,7 +10,7 @@ ordered uploads, so the wire stays busy.
 
 Resuming is cheap: the plan skips every object B already holds with A's size
 and MD5 ETag (or with the size and ETag a previous run recorded in the resume
-journal, `STATE_DIR/migrate/<A>-to-<B>.jsonl`). After a kill -9 only the
+journal, `STATE_DIR/migrate/<A>-to-<B>-<digest>.jsonl`). After a kill -9 only the
 objects in flight at that instant are copied again.
 
 While the volume is mounted and written, A keeps receiving segments: the copy
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -134,8 +135,12 @@ class ResumeJournal:
                     continue  # a line torn by a kill -9: the object is simply checked again
 
     @classmethod
-    def for_run(cls, state_dir: Path, source: str, dest: str) -> ResumeJournal:
-        path = state_dir / JOURNAL_DIR / f"{source}-to-{dest}.jsonl"
+    def for_run(cls, state_dir: Path, source: TargetConfig, dest: TargetConfig) -> ResumeJournal:
+        # The names, for the operator; a digest of both locations, so that a name reused
+        # for another bucket starts a journal of its own.
+        where = ">".join(f"{t.endpoint}/{t.bucket}/{t.prefix}" for t in (source, dest))
+        digest = hashlib.sha256(where.encode()).hexdigest()[:8]
+        path = state_dir / JOURNAL_DIR / f"{source.name}-to-{dest.name}-{digest}.jsonl"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -455,7 +460,7 @@ async def migrate(
         journal = (
             ResumeJournal(None)
             if dry_run
-            else ResumeJournal.for_run(cfg.volume.state_dir, source, dest)
+            else ResumeJournal.for_run(cfg.volume.state_dir, src_t, dst_t)
         )
         report.journal = str(journal.path) if journal.path else None
         others = []

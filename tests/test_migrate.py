@@ -216,14 +216,24 @@ def test_kill9_then_resume_copies_little_twice(
     total = sum(s for s, _ in src.values())
     jobs = 2
     log = tmp_path / "first.log"
+    journals = cfg.parent / "state" / "migrate"
+    before = set(journals.glob("*.jsonl"))  # other tests' runs share the state dir
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vaultsync", "migrate", str(cfg), "--from", "sw", "--to",
-             "new", "--jobs", str(jobs), "--bwlimit", str(total // 4), "--json"],
+             "new", "--jobs", str(jobs), "--bwlimit", str(total // 5), "--json"],
             stdout=out, stderr=out, start_new_session=True,
         )  # fmt: skip
     try:
-        time.sleep(random.uniform(1.0, 2.5))  # of about 4 s at that rate
+        # Once copying has begun (the header is in the journal), kill it at a random moment
+        # of the about 5 s that the rate limit makes the copy last.
+        deadline = time.monotonic() + 60
+        while not (found := set(journals.glob("sw-to-new-*.jsonl")) - before) or not any(
+            f.read_text() for f in found
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.2, 2.5))
         assert proc.poll() is None, log.read_text()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -239,7 +249,8 @@ def test_kill9_then_resume_copies_little_twice(
     res, rep = migrate_json(cfg, "--from", "sw", "--to", "new", "--jobs", str(jobs))
     assert res.returncode == 0, res.stderr
     assert listing(rclone, new) == src
-    journal = cfg.parent / "state" / "migrate" / "sw-to-new.jsonl"
+    journal = Path(rep["journal"])
+    assert journal not in before
     keys = [json.loads(line)["key"] for line in journal.read_text().splitlines() if line.strip()]
     twice = {k for k in keys if keys.count(k) > 1}
     assert set(keys) == set(src)
