@@ -41,6 +41,18 @@ system_packages() {
     fi
 }
 
+test_tools() {
+    # docker-compose checks docker/compose.yaml (`config` needs no Docker engine); tests only.
+    # Its test is skipped, not failed, when this cannot be installed.
+    if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+        log "installing docker-compose (validates docker/compose.yaml)"
+        { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+          as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+              --no-install-recommends docker-compose >/dev/null; } ||
+            log "docker-compose could not be installed; the compose test will be skipped"
+    fi
+}
+
 python_env() {
     if [ ! -x "$venv/bin/python" ]; then
         log "creating virtual environment in .venv"
@@ -65,7 +77,7 @@ case "${1:-}" in
         shift; system_packages; python_env
         exec "$venv/bin/vaultsync" demo "$@" ;;
     test)
-        shift; system_packages; python_env
+        shift; system_packages; test_tools; python_env
         exec "$venv/bin/python" scripts/run_tests.py "$@" ;;
     *)
         echo "usage: scripts/bootstrap.sh setup|run|test [args...]" >&2; exit 2 ;;

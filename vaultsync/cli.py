@@ -83,6 +83,13 @@ def print_status(st: dict[str, Any]) -> None:
         )
     if v.get("initialized"):
         out.print("  mounted: " + ("yes (live numbers)" if v.get("mounted") else "no"))
+    if v.get("fenced"):
+        f = v["fenced"]
+        out.print(
+            f"  [bold red]FENCED[/]: target {f['target']} holds writer lease epoch "
+            f"{f['lease_epoch']}, this site has epoch {v['epoch']}: another site writes this "
+            "volume. Do not mount here; list unshipped changes with `vaultsync salvage`."
+        )
     table = Table("target", "mode", "health", "watermark", "lag LSNs", "lag", "last error", "where")
     for t in st["targets"]:
         mode = t["mode"]
@@ -422,6 +429,35 @@ def salvage(
         out.print(f"  {path}  ({size} bytes)")
     if dest is not None:
         out.print(f"copied {r.copied} file(s) into {dest}")
+
+
+systemd_app = typer.Typer(help="systemd units for the mount daemon and the API.")
+app.add_typer(systemd_app, name="systemd")
+
+
+@systemd_app.command("install")
+def systemd_install(
+    prefix: Annotated[
+        Path | None,
+        typer.Option(help="Install under DIR instead of / (units go to DIR/etc/systemd/system)."),
+    ] = None,
+    bin_path: Annotated[
+        str | None,
+        typer.Option("--bin", help="The vaultsync executable the units run (default: this one)."),
+    ] = None,
+) -> None:
+    """Write vaultsync-mount@.service and vaultsync-serve@.service; reload systemd if it runs."""
+    from vaultsync.systemd import install
+
+    r = install(prefix, bin_path)
+    for p in r.written:
+        out.print(f"wrote {p}")
+    out.print(f"the units run {r.executable}")
+    out.print("systemctl daemon-reload done" if r.reloaded else r.reload_note)
+    out.print(
+        "next: put the volume's config in /etc/vaultsync/NAME.toml, then "
+        "systemctl enable --now vaultsync-mount@NAME.service"
+    )
 
 
 @app.command()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import secrets
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -58,6 +59,42 @@ def _write_config(directory: Path, providers: dict[str, LocalProvider]) -> Path:
     return path
 
 
+def _short(p: Path) -> str:
+    """A path as the user would type it from where they started the demo."""
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def next_steps(config_path: Path, mountpoint: Path, api_url: str | None = None) -> str:
+    """What to try next, printed once the demo volume is mounted (`$ ` lines are commands)."""
+    exe = Path(sys.executable).parent / "vaultsync"
+    vs = _short(exe) if exe.exists() else "vaultsync"
+    d = config_path.parent
+    cfg, mnt = _short(config_path), _short(mountpoint)
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    lines = [
+        "",
+        f"config: {cfg} (keys in {_short(d / 'credentials')}, never printed)",
+        "what to try next, from another shell:",
+        f"  $ echo hello > {mnt}/hello.txt && ls -l {mnt}",
+        f"  $ {vs} status {cfg}   # each target's health, watermark and lag",
+        f"  $ {vs} points {cfg}   # what each provider could recover",
+        f"  $ {vs} snapshot create {cfg} first",
+        f"  $ {vs} restore {cfg} /hello.txt {_short(d / 'hello-restored.txt')} --from rclone",
+        f"  $ mkdir -p {_short(d / 'pit')} && {vs} mount {cfg} {_short(d / 'pit')} "
+        "--from seaweedfs --at first   # read-only as of the snapshot; Ctrl-C unmounts",
+    ]
+    if api_url is not None:
+        lines.append(f"  REST API and restore page: {api_url}")
+    lines += [
+        f"disaster recovery, step by step: {_short(docs / 'runbook.md')}",
+        f"deploying it for real: {_short(docs / 'operator-guide.md')}",
+    ]
+    return "\n".join(lines)
+
+
 def run_demo(directory: Path, *, once: bool, console: Console) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     providers: dict[str, LocalProvider] = {}
@@ -95,12 +132,10 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
         hello = mountpoint / "README.txt"
         if not hello.exists():
             hello.write_text("Files written here are journaled and shipped to both providers.\n")
+        # HOOK(api): start `vaultsync serve` here and set its URL when the API branch lands.
+        api_url: str | None = None
         print_status(asyncio.run(gather_status(cfg)))
-        console.print(
-            f"\nconfig: {config_path}\n"
-            f"try:    ls {mountpoint}; vaultsync status {config_path}\n"
-            "(the restore API joins this demo when it lands)"
-        )
+        console.print(next_steps(config_path, mountpoint, api_url), highlight=False, soft_wrap=True)
         if once:
             return
         old = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)

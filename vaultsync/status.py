@@ -16,6 +16,8 @@ from typing import Any
 
 from vaultsync.config import Config
 from vaultsync.header import VolumeHeader
+from vaultsync.lease import current_epoch
+from vaultsync.objectstore import ObjectStore, StoreError
 from vaultsync.replication.replicator import STATUS_FILE
 from vaultsync.targets import open_stores, probe_target
 from vaultsync.volume import CATALOG_FILE, JOURNAL_DIR, has_volume, read_local_header
@@ -33,6 +35,7 @@ def _catalog_numbers(state_dir: Path) -> dict[str, Any]:
 
         return {
             "last_lsn": int(one("SELECT value FROM meta WHERE key='last_lsn'") or 0),
+            "epoch": int(one("SELECT value FROM meta WHERE key='epoch'") or 0),
             "inodes": one("SELECT count(*) FROM inodes"),
             "chunks": one("SELECT count(*) FROM chunks"),
             "sealed_segments": one("SELECT count(*) FROM segments WHERE sealed=1"),
@@ -49,7 +52,7 @@ async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:
     state_dir = cfg.volume.state_dir
     header: VolumeHeader | None = None
     volume: dict[str, Any] = {"name": cfg.volume.name, "state_dir": str(state_dir)}
-    numbers: dict[str, Any] = {"last_lsn": 0, "watermarks": {}}
+    numbers: dict[str, Any] = {"last_lsn": 0, "epoch": 0, "watermarks": {}}
     if has_volume(state_dir):
         header = read_local_header(state_dir)
         numbers = await asyncio.to_thread(_catalog_numbers, state_dir)
@@ -65,11 +68,20 @@ async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:
         )
     else:
         volume["initialized"] = False
-    targets = []
+    targets: list[dict[str, Any]] = []
     health: list[str] = ["not probed"] * len(cfg.targets)
+    leases: list[int | None] = [None] * len(cfg.targets)
     if probe and cfg.targets:
         async with open_stores(cfg, connect_timeout=3, max_attempts=1) as stores:
             health = list(await asyncio.gather(*(probe_target(s, header) for s in stores)))
+            leases = list(await asyncio.gather(*(_lease_epoch(s) for s in stores)))
+    # Fenced: a target holds a writer lease newer than this site's epoch (a promotion
+    # elsewhere). The mount would refuse writes; `vaultsync salvage` lists what is unshipped.
+    newer = [(e, t.name) for t, e in zip(cfg.targets, leases, strict=True) if e is not None]
+    if header is not None and newer and max(newer)[0] > numbers["epoch"]:
+        volume["fenced"] = {"lease_epoch": max(newer)[0], "target": max(newer)[1]}
+    else:
+        volume["fenced"] = None
     live = _live_replication(state_dir)
     volume["mounted"] = live is not None
     for t, h in zip(cfg.targets, health, strict=True):
@@ -83,6 +95,7 @@ async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:
             "effective_mode": t.mode,
             "probe": h,
             "health": h if h != "ok" else "healthy",
+            "lease_epoch": leases[len(targets)],
             "watermark_lsn": wm["lsn"],
             "lag_lsn": max(0, numbers["last_lsn"] - wm["lsn"]),
             "lag_bytes": None,
@@ -96,6 +109,14 @@ async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:
             row.update({k: lt[k] for k in lt if k in row or k in ("reason", "uploaded_bytes")})
         targets.append(row)
     return {"volume": volume, "targets": targets}
+
+
+async def _lease_epoch(store: ObjectStore) -> int | None:
+    """The newest writer lease at a target; None when it cannot be read."""
+    try:
+        return await current_epoch(store)
+    except StoreError:
+        return None
 
 
 def _live_replication(state_dir: Path) -> dict[str, Any] | None:
