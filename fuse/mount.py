@@ -127,7 +127,11 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 
 async def _serve(
-    cfg: Config, mountpoint: Path, passphrase: str | None, ready: asyncio.Event | None
+    cfg: Config,
+    mountpoint: Path,
+    passphrase: str | None,
+    ready: asyncio.Event | None,
+    config_path: Path | None = None,
 ) -> None:
     import pyfuse3
     import pyfuse3.asyncio
@@ -166,9 +170,39 @@ async def _serve(
         await vol.close()
         raise MountError(f"cannot mount at {mountpoint}: {e}") from None
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
     loop.add_signal_handler(signal.SIGUSR1, repl.gc_now.set)  # `vaultsync gc`, mounted
+    reloads: set[asyncio.Future[None]] = set()
+
+    async def reload_targets() -> None:
+        """SIGHUP: re-read the config's targets (`vaultsync targets add|remove`)."""
+        from vaultsync.config import load_config
+
+        if config_path is None:
+            log.warning("SIGHUP ignored: this mount was not started from a config file")
+            return
+        try:
+            new_cfg = load_config(config_path)
+            added, removed = await repl.reload(new_cfg)
+        except Exception as e:
+            log.error(
+                "reloading targets from %s failed, keeping the current ones: %s", config_path, e
+            )
+            return
+        log.info(
+            "targets reloaded from %s: added %s, removed %s",
+            config_path,
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+        )
+
+    def on_hup() -> None:
+        task = asyncio.ensure_future(reload_targets())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
 
     async def housekeeping() -> None:
         while True:
@@ -298,7 +332,9 @@ def run_point_mount(
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
-def run_mount(cfg: Config, mountpoint: Path, passphrase: str | None) -> None:
+def run_mount(
+    cfg: Config, mountpoint: Path, passphrase: str | None, config_path: Path | None = None
+) -> None:
     """Mount in the foreground until unmounted or signalled."""
     state_dir = cfg.volume.state_dir
     if not has_volume(state_dir):
@@ -310,7 +346,7 @@ def run_mount(cfg: Config, mountpoint: Path, passphrase: str | None) -> None:
         check_mountpoint(mountpoint)
         (state_dir / PID_FILE).write_text(f"{os.getpid()}\n{mountpoint}\n")
         try:
-            asyncio.run(_serve(cfg, mountpoint, passphrase, None))
+            asyncio.run(_serve(cfg, mountpoint, passphrase, None, config_path))
         finally:
             with contextlib.suppress(OSError):
                 (state_dir / PID_FILE).unlink()
@@ -411,3 +447,28 @@ def unmount(mountpoint: Path, timeout: float = 120) -> None:
             raise MountError(
                 f"unmounted, but the daemon (pid {pid}) is still flushing after {timeout:.0f}s"
             )
+
+
+def signal_reload(state_dir: Path) -> int | None:
+    """Ask the mount daemon of `state_dir` to reload its targets; its PID, or None if none runs.
+
+    The daemon holds `mount.lock` for its whole life, so a free lock means no
+    daemon, whatever a stale `mount.pid` says.
+    """
+    try:
+        f = open(state_dir / LOCK_FILE)  # noqa: SIM115 - closed below
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = read_pid(state_dir)
+            if pid is None or not _running(pid):
+                return None
+            os.kill(pid, signal.SIGHUP)
+            return pid
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+    finally:
+        f.close()

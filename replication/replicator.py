@@ -133,6 +133,59 @@ class Replicator:
         assert self.gc is not None
         return await self.gc.run(dry_run)
 
+    async def reload(self, cfg: Config) -> tuple[list[str], list[str]]:
+        """Adopt the targets of a re-read config (SIGHUP): start shippers for new ones,
+        stop the ones removed. A new target's shipper resumes from what the bucket
+        already holds (a migration seeded it), so nothing is uploaded twice.
+        Returns (added, removed) target names."""
+        old = {s.name for s in self.shippers}
+        new = {t.name for t in cfg.targets}
+        removed = sorted(old - new)
+        for name in removed:
+            sh = next(s for s in self.shippers if s.name == name)
+            sh.stop()
+            for task in [
+                t for t in self._tasks if t.get_name() in (f"ship-{name}", f"probe-{name}")
+            ]:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                self._tasks.remove(task)
+            i = self.shippers.index(sh)
+            del self.shippers[i]
+            del self._probe_stores[i]
+        added = [t for t in cfg.targets if t.name not in old]
+        self.cfg = cfg
+        for t in added:
+            store = await self._stack.enter_async_context(
+                ObjectStore(t, connect_timeout=3, read_timeout=30, max_attempts=3)
+            )
+            probe = await self._stack.enter_async_context(
+                ObjectStore(t, connect_timeout=2, read_timeout=5, max_attempts=1)
+            )
+            sh = Shipper(t, store, self.vol, Health())
+            sh.on_progress = self._progress
+            sh.on_fenced = self._fenced
+            self.shippers.append(sh)
+            self._probe_stores.append(probe)
+            self._tasks.append(asyncio.create_task(sh.run(), name=f"ship-{sh.name}"))
+            self._tasks.append(
+                asyncio.create_task(self._monitor(sh, probe), name=f"probe-{sh.name}")
+            )
+        self.vol.replicate = self.barrier if any(s.is_sync for s in self.shippers) else None
+        if self.shippers and self.vol.fetch_remote is None:
+            shippers = self.shippers
+
+            async def fetch(loc: Location, cid: bytes) -> bytes:
+                return await fetch_chunk(shippers, self.vol, loc, cid)
+
+            self.vol.fetch_remote = fetch
+        if self.gc is not None:  # GC decides over exactly the targets that are shipped to
+            self.gc.cfg = cfg
+            self.gc.stores = [s.store for s in self.shippers]
+        self._write_status()
+        return [t.name for t in added], removed
+
     async def drain(self, timeout: float = 30.0) -> None:
         """At unmount: give every healthy target a chance to receive what is sealed."""
         self._wake_all()

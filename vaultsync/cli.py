@@ -526,7 +526,7 @@ def mount(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run_mount(cfg, mountpoint, _passphrase(cfg))
+    run_mount(cfg, mountpoint, _passphrase(cfg), config.resolve())
 
 
 @app.command()
@@ -538,6 +538,13 @@ def umount(
 
     unmount(mountpoint)
     out.print(f"unmounted {mountpoint}")
+
+
+from vaultsync.cli_migrate import migrate as _migrate  # noqa: E402
+from vaultsync.cli_migrate import targets_app  # noqa: E402
+
+app.command("migrate")(_migrate)
+app.add_typer(targets_app, name="targets")
 
 
 @app.command()
