@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,12 @@ def test_demo_prints_what_to_try_next_and_the_hints_work(tmp_path: Path) -> None
         assert "press Ctrl-C" in out, out
         assert "what to try next" in out and "docs/runbook.md" in out
         assert "docs/operator-guide.md" in out
+        # The mount daemon serves the REST API and restore page at the printed address.
+        url = next(ln.split(": ", 1)[1].strip() for ln in lines if "REST API and restore" in ln)
+        with urllib.request.urlopen(url.replace("/ui/", "/v1/health"), timeout=10) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert b"<html" in r.read().lower()
         commands = [ln.strip()[2:] for ln in lines if ln.strip().startswith("$ ")]
         assert len(commands) == 6, out
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

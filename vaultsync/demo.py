@@ -54,9 +54,24 @@ def _write_config(directory: Path, providers: dict[str, LocalProvider]) -> Path:
             f'bucket = "{BUCKET}"\nprefix = "demo"\nmode = "{modes[name]}"\n'
             f'credentials = {{ file = "credentials/{name}.cred" }}\n'
         )
+    # The mount daemon serves the REST API and restore page too; open, on loopback only.
+    restores = (directory / "restores").resolve()
+    restores.mkdir(parents=True, exist_ok=True)
+    parts.append(
+        f'\n[api]\nenabled = true\nlisten = "127.0.0.1:{_free_port()}"\n'
+        f'open_on_loopback = true\nrestore_roots = ["{restores}"]\n'
+    )
     path = directory / "vaultsync.toml"
     path.write_text("".join(parts))
     return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _short(p: Path) -> str:
@@ -132,8 +147,7 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
         hello = mountpoint / "README.txt"
         if not hello.exists():
             hello.write_text("Files written here are journaled and shipped to both providers.\n")
-        # HOOK(api): start `vaultsync serve` here and set its URL when the API branch lands.
-        api_url: str | None = None
+        api_url = f"http://{cfg.api.listen}/ui/"
         print_status(asyncio.run(gather_status(cfg)))
         console.print(next_steps(config_path, mountpoint, api_url), highlight=False, soft_wrap=True)
         if once:
