@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
+from benchmarks.harness import loadavg, raise_interrupt  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 from vaultsync.providers import LocalProvider, start_seaweedfs  # noqa: E402
 
@@ -458,16 +459,7 @@ def print_table(rows: list[Row]) -> None:
             print(f"  {r.name}: {r.error}")
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 # -- the run ---------------------------------------------------------------------------
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace, base: Path, rss: PeakRss, vs: VaultsyncSide) -> list[Row]:
@@ -587,7 +579,7 @@ def main() -> int:
     if args.size_mib < 4 or args.files < 1 or args.iterations < 2:
         ap.error("need --size-mib >= 4, --files >= 1 and --iterations >= 2")
 
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     base = Path(tempfile.mkdtemp(prefix="vs-fsbench-", dir=args.dir))
     rss = PeakRss()
     vs = VaultsyncSide(base, rss)

@@ -62,6 +62,7 @@ if str(REPO) not in sys.path:
 
 from vaultsync.fuse.mount import lazy_unmount, mounted_at  # noqa: E402
 
+from benchmarks.harness import Row, loadavg, print_table, raise_interrupt, write_all  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 from vaultsync.config import TargetConfig  # noqa: E402
 from vaultsync.providers import LocalProvider, start_seaweedfs  # noqa: E402
@@ -78,11 +79,6 @@ RESTORE_MBS = 100.0
 
 
 # -- small helpers -----------------------------------------------------------------------
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def drop_caches(enabled: bool) -> str:
@@ -107,12 +103,6 @@ def recovery_target(n: int) -> float | None:
         if n0 < n < n1:
             return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
     return None  # outside the brief's range: information only
-
-
-def write_all(fd: int, buf: bytes | bytearray | memoryview) -> None:
-    view = memoryview(buf)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def vaultsync_cmd(*args: str) -> list[str]:
@@ -154,35 +144,6 @@ class SmallFiles:
 
 
 # -- results -----------------------------------------------------------------------------
-@dataclass
-class Row:
-    measure: str
-    figure: str
-    target: str = "-"
-    ok: bool | None = None  # None: information only
-
-    @property
-    def verdict(self) -> str:
-        if self.figure == "ERROR":
-            return "ERROR"
-        return "-" if self.ok is None else ("PASS" if self.ok else "FAIL")
-
-
-def print_table(rows: list[Row]) -> None:
-    head = ["measure", "figure", "target", "result"]
-    body = [[r.measure, r.figure, r.target, r.verdict] for r in rows]
-    widths = [max(len(x[c]) for x in [head, *body]) for c in range(len(head))]
-    line = "  ".join("-" * w for w in widths)
-    print(line)
-    for k, cells in enumerate([head, *body]):
-        cols = (
-            c.rjust(w) if i == 1 else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-        print("  ".join(cols).rstrip())
-        if k == 0:
-            print(line)
-    print(line)
 
 
 @dataclass
@@ -595,10 +556,6 @@ class Bench:
         )
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -628,7 +585,7 @@ def main() -> int:
     if args.restore_mib < 1 or args.restore_file_mib < 1:
         ap.error("--restore-mib and --restore-file-mib must be >= 1")
 
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     base = Path(tempfile.mkdtemp(prefix="vs-recbench-", dir=args.dir))
     bench = Bench(args, base)
     t0 = time.perf_counter()

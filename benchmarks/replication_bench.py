@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
+from benchmarks.harness import Row, loadavg, print_table, raise_interrupt, write_all  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 from vaultsync.config import TargetConfig  # noqa: E402
 from vaultsync.objectstore import ObjectStore  # noqa: E402
@@ -84,13 +85,6 @@ def pct(samples: list[float], q: float) -> float:
     return s[max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))]
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 def journal_bytes(state_dir: Path) -> int:
     total = 0
     for p in (state_dir / "journal").glob("*.seg"):
@@ -108,12 +102,6 @@ def read_status(state_dir: Path) -> dict[str, Any] | None:
         return st
     except (OSError, ValueError, KeyError):
         return None
-
-
-def write_all(fd: int, buf: bytes | bytearray) -> None:
-    view = memoryview(buf)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class Incompressible:
@@ -348,35 +336,6 @@ def steady_write(m: Mount, rate: float, seconds: float, src: Incompressible) -> 
 
 
 # -- results -----------------------------------------------------------------------------
-@dataclass
-class Row:
-    measure: str
-    figure: str
-    target: str = "-"
-    ok: bool | None = None  # None: information only
-
-    @property
-    def verdict(self) -> str:
-        if self.figure == "ERROR":
-            return "ERROR"
-        return "-" if self.ok is None else ("PASS" if self.ok else "FAIL")
-
-
-def print_table(rows: list[Row]) -> None:
-    head = ["measure", "figure", "target", "result"]
-    body = [[r.measure, r.figure, r.target, r.verdict] for r in rows]
-    widths = [max(len(x[c]) for x in [head, *body]) for c in range(len(head))]
-    line = "  ".join("-" * w for w in widths)
-    print(line)
-    for k, cells in enumerate([head, *body]):
-        cols = (
-            c.rjust(w) if i == 1 else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-        print("  ".join(cols).rstrip())
-        if k == 0:
-            print(line)
-    print(line)
 
 
 def ms(x: float) -> str:
@@ -619,10 +578,6 @@ class Bench:
         )
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=1000, help="write+fsync rounds per pattern")
@@ -634,7 +589,7 @@ def main() -> int:
     if args.iterations < 2 or args.lag_seconds <= 0 or args.rate_mb <= 0:
         ap.error("need --iterations >= 2, --lag-seconds > 0 and --rate-mb > 0")
 
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     base = Path(tempfile.mkdtemp(prefix="vs-replbench-", dir=args.dir))
     bench = Bench(args, base)
     t0 = time.perf_counter()
