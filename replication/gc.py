@@ -37,7 +37,7 @@ from typing import Any
 from vaultsync import segment as seg
 from vaultsync.config import Config
 from vaultsync.errors import VaultsyncError
-from vaultsync.gcplan import SegmentRow, plan_segments
+from vaultsync.gcplan import SegmentRow, plan_segments, replay_segments
 from vaultsync.layout import (
     CHECKPOINTS,
     RETAINED_KEY,
@@ -230,16 +230,14 @@ class GarbageCollector:
         live: set[bytes] = set()
         for p in retained.points:
             live |= await self._image_ids(p)
-        plan = plan_segments(rows, retained.ranges, shipped_upto, {}, 0.0)
-        replayed = sorted(plan.whole) + [
-            n for n in vol.journal.segment_numbers() if n > newest_sealed
-        ]
+        whole = replay_segments(rows, retained.ranges)
+        replayed = sorted(whole) + [n for n in vol.journal.segment_numbers() if n > newest_sealed]
         for n in replayed:
             live |= await asyncio.to_thread(self._segment_refs, n, n <= newest_sealed)
         live |= {bytes(r[0]) for r in vol.catalog.db.execute("SELECT DISTINCT chunk FROM blocks")}
         report.live_chunks = len(live)
 
-        candidates = [r for r in rows if r.segno not in plan.whole and r.segno <= shipped_upto]
+        candidates = [r for r in rows if r.segno not in whole and r.segno <= shipped_upto]
         live_bytes: dict[int, int] = {}
         garbage: dict[int, list[bytes]] = {}
         for r in candidates:
@@ -266,8 +264,8 @@ class GarbageCollector:
         watched = vol.gc_watch or set()
         for n in plan.delete + plan.compact:
             drop = [c for c in garbage[n] if c not in watched]
-            drop = [c for c in drop if c not in vol.catalog.referenced(drop)]
-            report.chunks_dropped += vol.catalog.drop_chunks(n, drop)
+            still = vol.catalog.referenced(drop)
+            report.chunks_dropped += vol.catalog.drop_chunks(n, [c for c in drop if c not in still])
         vol.gc_watch = None
         vol.catalog.commit()
 

@@ -66,7 +66,8 @@ def test_thin_keeps_newest_of_each_hour_and_day() -> None:
     pts = [Point(i + 1, NOW - (10 - i) * H // 2) for i in range(10)]  # every 30 minutes
     kept = thin(pts, RetentionConfig(hourly=2, daily=0, weekly=0, monthly=0))
     assert len(kept) == 2 and max(pts) in kept
-    assert thin(pts, RetentionConfig(hourly=0, daily=1, weekly=0, monthly=0)) <= set(pts)
+    # All ten lie within one UTC day (NOW is 08:00 UTC): one daily point, the newest.
+    assert thin(pts, RetentionConfig(hourly=0, daily=1, weekly=0, monthly=0)) == {max(pts)}
 
 
 def test_durations_parse() -> None:

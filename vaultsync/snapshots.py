@@ -132,12 +132,12 @@ async def target_points(store: ObjectStore) -> dict[str, Any]:
     from vaultsync.recovery import read_retained  # recovery imports this module
 
     kept = await read_retained(store)
-    if kept is not None:
-        # After GC: whole history from the window's base on, thinned points before it.
-        out["retained"] = kept.to_json(0) | {"oldest_lsn": kept.oldest_lsn()}
-        out["retained"].pop("gc_ns")
     first_lsn, first_ns = (first[1].lsn, first[1].time_ns) if first else (None, None)
     if kept is not None:
+        # After GC: whole history from the window's base on, thinned points before it.
+        doc = kept.to_json(0)
+        out["retained"] = {"points": doc["points"], "ranges": doc["ranges"]}
+        out["retained"]["oldest_lsn"] = kept.oldest_lsn()
         oldest = min(kept.points, default=None, key=lambda p: p.lsn)
         first_lsn = kept.oldest_lsn()
         if oldest is not None and oldest.lsn == first_lsn:
