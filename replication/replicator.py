@@ -26,7 +26,7 @@ from vaultsync.replication.gc import GarbageCollector, GcError, GcReport
 from vaultsync.replication.health import Health
 from vaultsync.replication.shipper import Shipper
 
-from vaultsync.config import Config
+from vaultsync.config import Config, TargetConfig
 from vaultsync.filesystem import FsError
 from vaultsync.header import HEADER_KEY
 from vaultsync.journal import Location
@@ -54,34 +54,42 @@ class Replicator:
         self.gc_now = asyncio.Event()  # set by SIGUSR1 (`vaultsync gc` on a mounted volume)
         self.gc_last: dict[str, Any] | None = None
 
-    async def start(self) -> None:
-        for t in self.cfg.targets:
-            store = await self._stack.enter_async_context(
-                ObjectStore(t, connect_timeout=3, read_timeout=30, max_attempts=3)
-            )
-            probe = await self._stack.enter_async_context(
-                ObjectStore(t, connect_timeout=2, read_timeout=5, max_attempts=1)
-            )
-            sh = Shipper(t, store, self.vol, Health())
-            sh.on_progress = self._progress
-            sh.on_fenced = self._fenced
-            self.shippers.append(sh)
-            self._probe_stores.append(probe)
-        self.vol.listeners.append(self._wake_all)
-        if any(s.is_sync for s in self.shippers):
-            self.vol.replicate = self.barrier
-        if self.shippers:
-            shippers = self.shippers
+    async def _open_target(self, t: TargetConfig) -> None:
+        """A shipper (and its health probe) for one target; started by `_launch`."""
+        store = await self._stack.enter_async_context(
+            ObjectStore(t, connect_timeout=3, read_timeout=30, max_attempts=3)
+        )
+        probe = await self._stack.enter_async_context(
+            ObjectStore(t, connect_timeout=2, read_timeout=5, max_attempts=1)
+        )
+        sh = Shipper(t, store, self.vol, Health())
+        sh.on_progress = self._progress
+        sh.on_fenced = self._fenced
+        self.shippers.append(sh)
+        self._probe_stores.append(probe)
+
+    def _launch(self, sh: Shipper, probe: ObjectStore) -> None:
+        self._tasks.append(asyncio.create_task(sh.run(), name=f"ship-{sh.name}"))
+        self._tasks.append(asyncio.create_task(self._monitor(sh, probe), name=f"probe-{sh.name}"))
+
+    def _wire_volume(self) -> None:
+        """Point the volume's fsync barrier and remote reads at the current targets."""
+        self.vol.replicate = self.barrier if any(s.is_sync for s in self.shippers) else None
+        if self.shippers and self.vol.fetch_remote is None:
+            shippers = self.shippers  # the live list: targets added later are used too
 
             async def fetch(loc: Location, cid: bytes) -> bytes:
                 return await fetch_chunk(shippers, self.vol, loc, cid)
 
             self.vol.fetch_remote = fetch
+
+    async def start(self) -> None:
+        for t in self.cfg.targets:
+            await self._open_target(t)
+        self.vol.listeners.append(self._wake_all)
+        self._wire_volume()
         for sh, probe in zip(self.shippers, self._probe_stores, strict=True):
-            self._tasks.append(asyncio.create_task(sh.run(), name=f"ship-{sh.name}"))
-            self._tasks.append(
-                asyncio.create_task(self._monitor(sh, probe), name=f"probe-{sh.name}")
-            )
+            self._launch(sh, probe)
         self._tasks.append(asyncio.create_task(self._write_status_loop(), name="repl-status"))
         if self.cfg.replication.checkpoint_every and self.shippers:
             self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="checkpoints"))
@@ -157,29 +165,9 @@ class Replicator:
         added = [t for t in cfg.targets if t.name not in old]
         self.cfg = cfg
         for t in added:
-            store = await self._stack.enter_async_context(
-                ObjectStore(t, connect_timeout=3, read_timeout=30, max_attempts=3)
-            )
-            probe = await self._stack.enter_async_context(
-                ObjectStore(t, connect_timeout=2, read_timeout=5, max_attempts=1)
-            )
-            sh = Shipper(t, store, self.vol, Health())
-            sh.on_progress = self._progress
-            sh.on_fenced = self._fenced
-            self.shippers.append(sh)
-            self._probe_stores.append(probe)
-            self._tasks.append(asyncio.create_task(sh.run(), name=f"ship-{sh.name}"))
-            self._tasks.append(
-                asyncio.create_task(self._monitor(sh, probe), name=f"probe-{sh.name}")
-            )
-        self.vol.replicate = self.barrier if any(s.is_sync for s in self.shippers) else None
-        if self.shippers and self.vol.fetch_remote is None:
-            shippers = self.shippers
-
-            async def fetch(loc: Location, cid: bytes) -> bytes:
-                return await fetch_chunk(shippers, self.vol, loc, cid)
-
-            self.vol.fetch_remote = fetch
+            await self._open_target(t)
+            self._launch(self.shippers[-1], self._probe_stores[-1])
+        self._wire_volume()
         if self.gc is not None:  # GC decides over exactly the targets that are shipped to
             self.gc.cfg = cfg
             self.gc.stores = [s.store for s in self.shippers]
