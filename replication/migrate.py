@@ -286,11 +286,18 @@ class _Run:
             self.progress.advanced(1, item.size)
             return True
         except (_Unavailable, StoreError) as e:
-            reason = e.reason if isinstance(e, StoreError) else str(e)
-            self.report.failed.append({"key": item.key, "kind": item.kind, "reason": reason})
-            log.error("%s: not copied: %s", item.key, reason)
+            self._failed(item, item.kind, e)
             self.progress.advanced(1, item.size)
             return False
+        self._done(item, data, outcome)
+        return True
+
+    def _failed(self, item: Item, kind: str, e: Exception) -> None:
+        reason = e.reason if isinstance(e, StoreError) else str(e)
+        self.report.failed.append({"key": item.key, "kind": kind, "reason": reason})
+        log.error("%s: not copied: %s", item.key, reason)
+
+    def _done(self, item: Item, data: bytes, outcome: str) -> None:
         r = self.report
         r.verified += 1
         r.verified_bytes += len(data)
@@ -298,7 +305,6 @@ class _Run:
             r.copied += 1
             r.copied_bytes += len(data)
         self.progress.advanced(1, item.size)
-        return True
 
     # -- phases ---------------------------------------------------------------------
     async def parallel(self, items: list[Item], plan: Plan) -> None:
@@ -337,20 +343,10 @@ class _Run:
                     self.progress.advanced(1, item.size)
                     continue
                 except (_Unavailable, StoreError) as e:
-                    reason = e.reason if isinstance(e, StoreError) else str(e)
-                    self.report.failed.append(
-                        {"key": item.key, "kind": "segment", "reason": reason}
-                    )
-                    log.error("%s: not copied: %s", item.key, reason)
+                    self._failed(item, "segment", e)
                     self.report.deferred += [it.key for it in items[i + 1 :]]
                     return False
-                r = self.report
-                r.verified += 1
-                r.verified_bytes += len(data)
-                if outcome == "copied":
-                    r.copied += 1
-                    r.copied_bytes += len(data)
-                self.progress.advanced(1, item.size)
+                self._done(item, data, outcome)
             return True
         finally:
             for t in fetches.values():
