@@ -126,6 +126,16 @@ def check_mountpoint(mountpoint: Path) -> None:
         )
 
 
+def _fuse_options(name: str, *, read_only: bool) -> set[str]:
+    """Mounted by root, the volume serves every user with the kernel's permission checks."""
+    options = {"fsname=vaultsync", f"subtype=vaultsync.{name}", "default_permissions"}
+    if read_only:
+        options.add("ro")
+    if os.getuid() == 0:
+        options.add("allow_other")
+    return options
+
+
 async def _serve(
     cfg: Config,
     mountpoint: Path,
@@ -156,15 +166,8 @@ async def _serve(
     if dropped:
         log.info("dropped %d unlinked file(s) left open by a previous process", dropped)
     ops = Operations(fs, sync_on_close=cfg.replication.sync_on_close)
-    options = {
-        "fsname=vaultsync",
-        f"subtype=vaultsync.{v.name}",
-        "default_permissions",
-    }
-    if os.getuid() == 0:
-        options.add("allow_other")
     try:
-        pyfuse3.init(ops, str(mountpoint), options)
+        pyfuse3.init(ops, str(mountpoint), _fuse_options(v.name, read_only=False))
     except RuntimeError as e:
         await repl.stop()
         await vol.close()
@@ -287,12 +290,8 @@ async def _serve_point(
         )
         fs = FileSystem(vol)  # type: ignore[arg-type]
         ops = Operations(fs)
-        options = {"fsname=vaultsync", f"subtype=vaultsync.{cfg.volume.name}", "ro"}
-        options.add("default_permissions")
-        if os.getuid() == 0:
-            options.add("allow_other")
         try:
-            pyfuse3.init(ops, str(mountpoint), options)
+            pyfuse3.init(ops, str(mountpoint), _fuse_options(cfg.volume.name, read_only=True))
         except RuntimeError as e:
             await vol.close()
             raise MountError(f"cannot mount at {mountpoint}: {e}") from None
