@@ -144,10 +144,10 @@ async def _serve(
     config_path: Path | None = None,
 ) -> None:
     import pyfuse3
-    import pyfuse3.asyncio
+    from vaultsync.fuse import loop
     from vaultsync.fuse.operations import Operations
 
-    pyfuse3.asyncio.enable()
+    loop.enable()
     v = cfg.volume
     vol = await Volume.open(
         v.state_dir, passphrase, segment_size=v.segment_size, segment_max_age=v.segment_max_age
@@ -266,13 +266,13 @@ async def _serve_point(
 ) -> None:
     """Rebuild the volume as of a point from one target and serve it read-only."""
     import pyfuse3
-    import pyfuse3.asyncio
+    from vaultsync.fuse import loop
     from vaultsync.fuse.operations import Operations
 
     from vaultsync.objectstore import ObjectStore
     from vaultsync.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
 
-    pyfuse3.asyncio.enable()
+    loop.enable()
     point = parse_point(point_text)
     t0 = time.monotonic()
     async with ObjectStore(cfg.target(target)) as store:

@@ -95,9 +95,14 @@ def test_append_returns_locations_and_read_gets_records_back(tmp_path: Path) -> 
     assert not j.needs_sync
     assert locs == [Location(1, seg.HEADER_SIZE + sum(r.size for r in recs), _txn(2).size)]
     assert j.read(locs[0]) == _txn(2)
-    assert j.size == (tmp_path / segment_name(1)).stat().st_size
+    # Past the records, the open file holds nothing but zeros (the runway)...
+    on_disk = (tmp_path / segment_name(1)).read_bytes()
+    assert len(on_disk) > j.size and not any(on_disk[j.size :])
     assert j.records == 4
+    size = j.size
     j.close()
+    # ...and a closed one ends exactly at its last record.
+    assert (tmp_path / segment_name(1)).stat().st_size == size
 
 
 def test_reopen_iter_committed_yields_exactly_the_committed_records(tmp_path: Path) -> None:
@@ -403,4 +408,45 @@ def test_appended_records_are_visible_before_sync(tmp_path: Path) -> None:
     _commit(j, 1)
     assert os.path.getsize(tmp_path / segment_name(1)) == j.size
     assert j.dirty
+    j.close()
+
+
+def test_runway_left_by_a_dead_process_is_cut_silently_and_writes_go_on(tmp_path: Path) -> None:
+    """Small syncs write zeros ahead; a crash leaves them, and open() must treat them as nothing."""
+    j = _open(tmp_path)
+    kept = _commit(j, 1) + _commit(j, 2, chunks=1)
+    j.sync()
+    path = tmp_path / segment_name(1)
+    size = j.size
+    assert path.stat().st_size >= size + Journal.RUNWAY // 2
+    os.close(j._fd)  # the process dies: no close(), the runway stays
+    j2, report = Journal.open(tmp_path, VID, 0, expect_lsn=2)
+    try:
+        assert report.cut_bytes == 0 and report.cut_reason is None
+        assert path.stat().st_size == size == j2.size
+        assert _records(j2) == kept
+        more = _commit(j2, 3)
+        j2.sync()
+        assert _records(j2, after=2) == more
+    finally:
+        j2.close()
+    # A torn record followed by runway zeros is a real cut, reported with the zeros.
+    j3 = _open(tmp_path, expect_lsn=3)
+    end = j3.size
+    torn = seg.encode_record(_txn(4))[:-3]
+    os.pwrite(j3._fd, torn + bytes(4096), end)
+    os.close(j3._fd)
+    j4, report = Journal.open(tmp_path, VID, 0, expect_lsn=3)
+    assert report.cut_bytes == len(torn) + 4096
+    assert j4.size == end and j4.last_lsn == 3
+    j4.close()
+    assert path.stat().st_size == end
+
+
+def test_large_syncs_write_no_runway(tmp_path: Path) -> None:
+    """Zeros ahead would double a large writer's disk traffic: only small syncs get them."""
+    j = _open(tmp_path)
+    j.append([_chunk(1, bytes(Journal.RUNWAY_SMALL_SYNC + 1)), _txn(1)])
+    j.sync()
+    assert (tmp_path / segment_name(1)).stat().st_size == j.size
     j.close()

@@ -113,6 +113,10 @@ class Catalog:
         # The highest inode number ever used, kept even when that inode is gone, so
         # numbers are never reused across mounts (a stale kernel handle stays stale).
         self._max_ino = 0
+        # Inodes as the applied transactions left them. Only apply() changes the inodes
+        # table, and it updates this after its savepoint is released, so an entry here
+        # always equals the row (a failed transaction changes neither).
+        self._inodes: dict[int, Inode] = {}
 
     @classmethod
     def open(cls, path: Path) -> Catalog:
@@ -196,12 +200,37 @@ class Catalog:
                 (lsn,),
             )
             self.db.execute("RELEASE txn")
+            self._cache_inodes(txn)
         except BaseException:
             self.db.execute("ROLLBACK TO txn")
             self.db.execute("RELEASE txn")
             raise
         self._last_lsn = lsn
         self._max_ino = max(self._max_ino, top)
+
+    INODE_CACHE = 100_000
+
+    def _cache_inodes(self, txn: Transaction) -> None:
+        cache = self._inodes
+        for op in txn.ops:
+            if isinstance(op, SetInode):
+                if len(cache) >= self.INODE_CACHE:
+                    cache.clear()  # bounded; the hot set comes back at once
+                cache[op.ino] = Inode(
+                    op.ino,
+                    op.mode,
+                    op.uid,
+                    op.gid,
+                    op.size,
+                    op.nlink,
+                    op.rdev,
+                    op.atime_ns,
+                    op.mtime_ns,
+                    op.ctime_ns,
+                    op.target,
+                )
+            elif isinstance(op, DropInode):
+                cache.pop(op.ino, None)
 
     def _apply_op(self, op: Op) -> None:
         x = self.db.execute
@@ -356,12 +385,21 @@ class Catalog:
 
     # -- namespace queries -------------------------------------------------------------
     def inode(self, ino: int) -> Inode | None:
+        i = self._inodes.get(ino)
+        if i is not None:
+            return i
         row = self._one(
             "SELECT ino, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, target "
             "FROM inodes WHERE ino=?",
             (ino,),
         )
-        return None if row is None else Inode(*row)
+        if row is None:
+            return None
+        i = Inode(*row)
+        if len(self._inodes) >= self.INODE_CACHE:
+            self._inodes.clear()
+        self._inodes[ino] = i
+        return i
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         row = self._one("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name))

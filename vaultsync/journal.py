@@ -13,6 +13,10 @@ Invariants (kept by this module, relied on by volume.py and the shippers):
    newest file back to the end of its last TXN or SEAL record; what it removes
    was never acknowledged.
 
+4. The open segment's file may extend past `size` with zeros (the runway,
+   see `_extend_runway`); every other file ends exactly at its last record.
+   Zeros never parse as a record, so to a reader they are a torn tail.
+
 Synchronous file I/O on purpose: callers decide which thread runs it.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,6 +78,8 @@ class Journal:
         # Sealed segments' descriptors whose fsync is still owed (see seal()).
         self._owed: list[int] = []
         self._dir_dirty = False
+        self._runway_end = 0  # the open file holds zeros from `size` up to here
+        self._synced_size = 0  # `size` when the last sync took its work
 
     # -- opening and recovery --------------------------------------------
     @classmethod
@@ -152,10 +159,13 @@ class Journal:
                 "(vaultsync promote) or contact support"
             )
         if committed_end < len(buf):
-            report.cut_bytes = len(buf) - committed_end
-            report.cut_reason = (
-                scan.stop_reason or "uncommitted chunk records after the last transaction"
-            )
+            # Nothing but zeros after the records is the runway of a process that died
+            # (invariant 4), not a torn tail: no data is lost by cutting it.
+            if any(buf[committed_end:]):
+                report.cut_bytes = len(buf) - committed_end
+                report.cut_reason = (
+                    scan.stop_reason or "uncommitted chunk records after the last transaction"
+                )
             with path.open("r+b") as f:
                 f.truncate(committed_end)
                 os.fsync(f.fileno())
@@ -163,7 +173,8 @@ class Journal:
             j._create(last + 1)
         else:
             j.segno, j.size, j.records = last, committed_end, count
-            j._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            j._fd = os.open(path, os.O_WRONLY)
+            j._runway_end = j._synced_size = committed_end
         return j, report
 
     def _check_header(self, h: seg.SegmentHeader, path: Path) -> None:
@@ -183,7 +194,7 @@ class Journal:
     def _create(self, segno: int, durable: bool = True) -> None:
         path = self.path(segno)
         header = seg.SegmentHeader(self.volume_id, segno, self.epoch, time.time_ns()).pack()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, header)
             if durable:
@@ -197,6 +208,7 @@ class Journal:
             self._dir_dirty = True
         self._fd = fd
         self.segno, self.size, self.records = segno, len(header), 0
+        self._runway_end = self._synced_size = len(header)
         self.first_lsn = None
         self.opened_at = time.monotonic()
         self.dirty = not durable
@@ -224,10 +236,10 @@ class Journal:
             locs.append(Location(self.segno, off, len(b)))
             off += len(b)
         data = b"".join(blobs)
-        view = memoryview(data)
+        view, at = memoryview(data), self.size
         while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+            n = os.pwrite(self._fd, view, at)
+            view, at = view[n:], at + n
         self.size = off
         self.records += len(records)
         for r in records:
@@ -249,6 +261,10 @@ class Journal:
         """
         owed, self._owed = self._owed, []
         fd = self._fd if self.dirty else -1
+        if fd >= 0:
+            if self.size - self._synced_size <= self.RUNWAY_SMALL_SYNC:
+                self._extend_runway()
+            self._synced_size = self.size
         dir_dirty, self._dir_dirty = self._dir_dirty, False
         self.dirty = False
 
@@ -262,6 +278,48 @@ class Journal:
                 _fsync_dir(self.dir)
 
         return work
+
+    # Small syncs (a 4 KiB write + fsync, a file create) go faster into file space
+    # that already exists: ext4's fdatasync of an append must also log the new size
+    # (measured here: 0.44 ms against 0.16 ms to overwrite written blocks), so such
+    # syncs write zeros a stretch ahead. Large writes skip it: it would double their I/O.
+    RUNWAY = 1 << 20
+    RUNWAY_SMALL_SYNC = 256 * 1024
+    _ZEROS = bytes(RUNWAY)
+
+    def _extend_runway(self) -> None:
+        """Zero-fill ahead of `size`; on the appending thread, so no append can race it."""
+        if self._runway_end - self.size >= self.RUNWAY // 2:
+            return
+        start = max(self._runway_end, self.size)
+        end = self.size + self.RUNWAY
+        view, at = memoryview(self._ZEROS)[: end - start], start
+        while view:
+            n = os.pwrite(self._fd, view, at)
+            view, at = view[n:], at + n
+        self._runway_end = end
+        # Allocating and writing the zeros is the slow part: have it done now, off to
+        # the side, rather than by the next caller's fdatasync. Durability claims never
+        # rest on this (sync_work's fdatasync makes them); it only moves the cost.
+        # Its own open file description, not a dup: Linux reports a writeback error
+        # once per description, and this one must not take it from the journal's.
+        own = os.open(self.path(self.segno), os.O_WRONLY)
+
+        def settle() -> None:
+            try:
+                os.fdatasync(own)
+            except OSError:
+                pass  # the journal's own description still reports it at its next sync
+            finally:
+                os.close(own)
+
+        threading.Thread(target=settle, name="journal-runway", daemon=True).start()
+
+    def _cut_runway(self) -> None:
+        """The file ends at its last record again (before a seal's fsync, or a close)."""
+        if self._runway_end > self.size:
+            os.ftruncate(self._fd, self.size)
+        self._runway_end = self.size
 
     @property
     def needs_sync(self) -> bool:
@@ -290,6 +348,7 @@ class Journal:
         sealed, first = self.segno, self.first_lsn
         payload = seg.seal_payload(self.records, self.last_lsn)
         self.append([seg.Record(seg.RecordType.SEAL, self.last_lsn, time.time_ns(), payload)])
+        self._cut_runway()
         self._owed.append(self._fd)
         self._fd = -1
         size = self.size
@@ -300,6 +359,8 @@ class Journal:
         if self._fd >= 0 or self._owed:
             self.sync()
         if self._fd >= 0:
+            # Not synced: should the cut be lost, open() treats the zeros as runway.
+            self._cut_runway()
             os.close(self._fd)
             self._fd = -1
 

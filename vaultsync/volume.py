@@ -109,8 +109,9 @@ class Volume:
         # ships up to here and no further (docs/format.md §2.2).
         self.durable_pos = (journal.segno, journal.size)
         self.durable_lsn = journal.last_lsn  # the newest LSN at or before durable_pos
-        # Called (on the loop) after every sync that made something new durable or sealed.
-        self.listeners: list[Callable[[], None]] = []
+        # Called (on the loop) after every sync that made something new durable, with
+        # True when it also made segments sealed (what asynchronous shippers wait for).
+        self.listeners: list[Callable[[bool], None]] = []
         # Set by the replicator: waits until the synchronous targets hold `durable_pos`.
         self.replicate: Callable[[tuple[int, int], int], Awaitable[None]] | None = None
         # Set by the replicator: read a chunk record from the targets (verified by id).
@@ -359,14 +360,16 @@ class Volume:
         finally:
             self._sync_task = None
         self._synced_lsn = max(self._synced_lsn, upto)
-        self.catalog.commit()
+        # No catalog commit here: the journal is the record, and replay restores what
+        # the catalog lost; a SQLite commit per fsync would cost more than the fsync.
+        # The mount's timer (maybe_seal) commits a few times a second for other readers.
         if pos > self.durable_pos:
             self.durable_pos, self.durable_lsn = pos, upto
         now = time.time_ns()
         for segno, first, last, size in sealed:
             self.catalog.note_segment(segno, size, first, last, now)
         for notify in self.listeners:
-            notify()
+            notify(bool(sealed))
 
     def _seal_nowait(self) -> int:
         last = self.journal.last_lsn
