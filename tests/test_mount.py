@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vaultsync.fuse.mount import mounted_at
+import pytest
+from vaultsync.fuse.mount import READ_AHEAD_KB, mounted_at
 
 from tests.mounting import Mount
 
@@ -63,3 +64,12 @@ def test_mount_errors_are_one_line(tmp_path: Path) -> None:
     )
     assert res.returncode == 1 and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_mount_raises_the_kernel_read_ahead(mounted: Mount) -> None:
+    """128 KiB read-ahead would cut sequential reads into 128 KiB round trips."""
+    dev = os.stat(mounted.mountpoint).st_dev
+    ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    if os.geteuid() != 0:
+        pytest.skip("raising read-ahead needs root")
+    assert int(ra.read_text()) == READ_AHEAD_KB

@@ -615,19 +615,25 @@ class FileSystem:
             self.dirty_bytes -= fd.dirty_bytes
         self._locks.pop(ino, None)
 
-    READ_AHEAD_BLOCKS = 32
+    READ_AHEAD_BLOCKS = 64
 
-    async def _warm(self, ino: int, first: int, last: int) -> None:
-        """Bring the stored blocks first..last into the chunk cache in one trip."""
+    async def _warm(self, ino: int, first: int, last: int) -> dict[int, tuple[bytes, int]]:
+        """Bring the stored blocks first..last into the chunk cache in one trip.
+
+        Returns the catalog's map of those blocks as it is when this returns.
+        """
         fd = self.files.get(ino)
+        stored = self.cat.block_range(ino, first, last)
         want = [
             cid
-            for b, (cid, _n) in sorted(self.cat.block_range(ino, first, last).items())
+            for b, (cid, _n) in sorted(stored.items())
             if self.cache.get(cid) is None and (fd is None or fd.peek(b) is None)
         ]
-        if want:
-            for cid, data in zip(want, await self.vol.read_chunks(want), strict=True):
-                self.cache.put(cid, data)
+        if not want:
+            return stored
+        for cid, data in zip(want, await self.vol.read_chunks(want), strict=True):
+            self.cache.put(cid, data)
+        return self.cat.block_range(ino, first, last)  # it may have changed meanwhile
 
     def _read_ahead(self, ino: int, first: int, last: int) -> None:
         if ino in self._prefetching:
@@ -646,8 +652,11 @@ class FileSystem:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _stored_block(self, ino: int, blockno: int) -> bytes:
-        ref = self.cat.block(ino, blockno)
+    async def _stored_block(
+        self, ino: int, blockno: int, known: dict[int, tuple[bytes, int]] | None = None
+    ) -> bytes:
+        # `known`: the caller's block map for a range holding this block, or None.
+        ref = known.get(blockno) if known is not None else self.cat.block(ino, blockno)
         if ref is None:
             return b""
         cid, length = ref
@@ -657,14 +666,16 @@ class FileSystem:
             self.cache.put(cid, data)
         return data[:length]
 
-    async def _block(self, ino: int, blockno: int) -> bytes:
+    async def _block(
+        self, ino: int, blockno: int, known: dict[int, tuple[bytes, int]] | None = None
+    ) -> bytes:
         """Current content of one block (dirty, in flight, or stored); may be short."""
         fd = self.files.get(ino)
         if fd is not None:
             b = fd.peek(blockno)
             if b is not None:
                 return b
-        return await self._stored_block(ino, blockno)
+        return await self._stored_block(ino, blockno, known)
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         i = self.getattr(ino)
@@ -675,7 +686,10 @@ class FileSystem:
             return b""
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
-        await self._warm(ino, first, last)
+        # One map for the whole read; a block whose chunk left the cache since is
+        # fetched below by that map's chunk id, which is still the block's content
+        # as of when the read began.
+        stored = await self._warm(ino, first, last)
         if self._read_end.get(ino) == offset:  # sequential: fetch ahead, in the background
             self._read_ahead(ino, last + 1, last + self.READ_AHEAD_BLOCKS)
         self._read_end[ino] = end
@@ -684,7 +698,7 @@ class FileSystem:
         while pos < end:
             b, inner = divmod(pos, bs)
             take = min(bs - inner, end - pos)
-            data = await self._block(ino, b)
+            data = await self._block(ino, b, stored)
             piece = data[inner : inner + take]
             if len(piece) < take:
                 piece = piece + bytes(take - len(piece))
@@ -767,6 +781,7 @@ class FileSystem:
             self._drop_if_clean(ino)
 
     FLUSH_BATCH = 4 << 20
+    WARM_AFTER_FLUSH = 1 << 20
 
     async def _flush_batch(self, ino: int, fd: FileData, batch: list[int]) -> None:
         snap = fd.take_dirty(batch)
@@ -796,8 +811,12 @@ class FileSystem:
             committed = True
             fd.stored_size = size
             # The next partial write of these blocks reads them back: keep them warm.
+            # Not a streaming writer's full blocks: nobody rewrites them soon, and they
+            # would push everything else out of the cache (and hold memory for nothing).
+            small = len(snap) * bs <= self.WARM_AFTER_FLUSH
             for data, p in zip(snap.values(), prepared, strict=True):
-                self.cache.put(p.id, data)
+                if small or len(data) < bs:
+                    self.cache.put(p.id, data)
         finally:
             if committed:
                 fd.done_flushing(snap)

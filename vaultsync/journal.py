@@ -262,7 +262,7 @@ class Journal:
         owed, self._owed = self._owed, []
         fd = self._fd if self.dirty else -1
         if fd >= 0:
-            if self.size - self._synced_size <= self.RUNWAY_SMALL_SYNC:
+            if self.records and self.size - self._synced_size <= self.RUNWAY_SMALL_SYNC:
                 self._extend_runway()
             self._synced_size = self.size
         dir_dirty, self._dir_dirty = self._dir_dirty, False
