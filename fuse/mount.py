@@ -248,6 +248,8 @@ async def _serve(
             fs.drop_orphans()
             await vol.maybe_seal(force=True)
             await repl.drain()
+            # After the final shipping: recovery from each target then replays nothing.
+            await repl.final_checkpoint()
         finally:
             pyfuse3.close(unmount=not unmounted)
             await repl.stop()

@@ -285,6 +285,8 @@ async def rebuild(
         ]
         start = max(covered, default=0) + 1
         segnos = [n for n in segnos if n >= start]
+    else:
+        start = 1
 
     gap = False
 
@@ -352,7 +354,9 @@ async def rebuild(
             f.cancel()
             f.add_done_callback(lambda f: f.cancelled() or f.exception())
     if going and not gap:
-        nxt = (segnos[-1] + 1) if segnos else 1
+        # The tail pieces of the segment after the last whole one; with a checkpoint
+        # that covers every whole segment, that is the one after the checkpoint.
+        nxt = (segnos[-1] + 1) if segnos else start
         pieces: dict[tuple[int, int], str] = {}
         async for o in store.list(tail_prefix(nxt)):
             parsed = parse_tail_key(o.key)
