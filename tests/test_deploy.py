@@ -104,7 +104,11 @@ def test_mount_unit_orders_with_network_and_flushes_on_stop(tmp_path: Path) -> N
     assert s["TimeoutStopSec"].endswith("min") and int(s["TimeoutStopSec"][:-3]) >= 2
     a = _unit(unit_dir / "vaultsync-serve@.service")
     assert a["Service"]["ExecStart"].split() == [
-        exe, "serve", "/etc/vaultsync/%i.toml", "--from", "${VAULTSYNC_SERVE_FROM}"
+        exe,
+        "serve",
+        "/etc/vaultsync/%i.toml",
+        "--from",
+        "${VAULTSYNC_SERVE_FROM}",
     ]
     assert "vaultsync-mount@%i.service" in a["Unit"]["After"]
     for u in (m, a):

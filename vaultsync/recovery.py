@@ -226,11 +226,14 @@ async def rebuild(
     progress: Callable[[int, int], None] | None = None,
     *,
     use_checkpoint: bool = True,
+    durable: bool = True,
 ) -> tuple[Rebuilt, VolumeKeys | None]:
     """A fresh catalog in `state_dir` holding the volume as of `point`, from `store` alone.
 
     Starts from the newest checkpoint at or before the point (if any, and if
-    `use_checkpoint`), then replays only the segments after it.
+    `use_checkpoint`), then replays only the segments after it. The catalog is
+    built without fsync and made durable once at the end, or not at all when
+    not `durable` (a throwaway catalog: a point mount, a restore, an API view).
     """
     header = await read_remote_header(store)
     if header is None:
@@ -271,7 +274,8 @@ async def rebuild(
         if _image_schema(cat_path) != SCHEMA_VERSION:  # another catalog layout: replay instead
             cat_path.unlink()
             ckpt = None
-    catalog = Catalog.open(cat_path)
+    # A catalog rebuilt from scratch: no journal on disk, no fsync until it is whole.
+    catalog = Catalog.open(cat_path, bulk=True)
     result = Rebuilt(header, catalog, 0, 0)
     first_time: int | None = None
     if ckpt is not None:
@@ -392,6 +396,7 @@ async def rebuild(
         raise PointError(
             f"target {store.name!r} holds points up to LSN {result.lsn}, not {stop_lsn}"
         )
+    await asyncio.to_thread(catalog.end_bulk, cat_path, durable)
     return result, keys
 
 
