@@ -128,7 +128,9 @@ class PointViews:
     async def _build(self, spec: PointSpec) -> View:
         where = self.dir / f"point-{next(self._ids)}"
         try:
-            rebuilt, keys = await rebuild(self.store, where, self.passphrase, spec, self.segments)
+            rebuilt, keys = await rebuild(
+                self.store, where, self.passphrase, spec, self.segments, durable=False
+            )
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, where, True)
             raise

@@ -283,6 +283,8 @@ async def _serve(
             fs.drop_orphans()
             await vol.maybe_seal(force=True)
             await repl.drain()
+            # After the final shipping: recovery from each target then replays nothing.
+            await repl.final_checkpoint()
         finally:
             pyfuse3.close(unmount=not unmounted)
             await repl.stop()
@@ -312,7 +314,7 @@ async def _serve_point(
     t0 = time.monotonic()
     async with ObjectStore(cfg.target(target)) as store:
         cache = SegmentCache(cache_dir / "segments", cache_limit)
-        rebuilt, keys = await rebuild(store, cache_dir, passphrase, point, cache)
+        rebuilt, keys = await rebuild(store, cache_dir, passphrase, point, cache, durable=False)
         vol = RecoveredVolume(cache_dir, rebuilt, keys, store, cache)
         log.info(
             "rebuilt %s from target %s as of %s (LSN %d) in %.1fs%s",
@@ -342,6 +344,16 @@ async def _serve_point(
             await vol.close()
 
 
+def point_runtime_file(mountpoint: Path, suffix: str) -> Path:
+    """Default log or PID file of a point-in-time mount daemon: it has no state
+    directory, so a file in the temp directory named after the mount point."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"vaultsync-point-{digest}.{suffix}"
+
+
 def run_point_mount(
     cfg: Config,
     target: str,
@@ -349,8 +361,13 @@ def run_point_mount(
     mountpoint: Path,
     passphrase: str | None,
     cache_limit: int = 2 << 30,
+    pid_file: Path | None = None,
 ) -> None:
-    """`mount --from TARGET --at POINT`: read-only, needs nothing local but the config."""
+    """`mount --from TARGET --at POINT`: read-only, needs nothing local but the config.
+
+    With `pid_file`, writes "PID\nMOUNTPOINT" there (as the writer's mount.pid)
+    for the life of the mount, so scripts and `umount` can find the process.
+    """
     import shutil
     import tempfile
 
@@ -358,12 +375,19 @@ def run_point_mount(
     clean_stale_mount(mountpoint)
     check_mountpoint(mountpoint)
     cache_dir = Path(tempfile.mkdtemp(prefix="vaultsync-point-"))
+    if pid_file is not None:
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n{mountpoint}\n")
     try:
         asyncio.run(
             _serve_point(cfg, target, point_text, mountpoint, passphrase, cache_dir, cache_limit)
         )
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
+        if pid_file is not None:
+            with contextlib.suppress(OSError):
+                if pid_file.read_text().split()[0] == str(os.getpid()):
+                    pid_file.unlink()
 
 
 def run_mount(
@@ -388,12 +412,23 @@ def run_mount(
         lock.close()
 
 
-def start_daemon(config_path: Path, mountpoint: Path, log_file: Path, timeout: float = 60) -> int:
-    """Start the mount as a background process; return its PID once the mount answers."""
+def start_daemon(
+    config_path: Path,
+    mountpoint: Path,
+    log_file: Path,
+    timeout: float = 60,
+    extra_args: list[str] | None = None,
+) -> int:
+    """Start the mount as a background process; return its PID once the mount answers.
+
+    `extra_args` go between the config and the mount point (which stays last on
+    the command line: that is how `umount` finds the daemon to wait for).
+    """
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "vaultsync", "mount", str(config_path), *(extra_args or [])]
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vaultsync", "mount", str(config_path), str(mountpoint)],
+            [*args, str(mountpoint.resolve())],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -431,9 +466,11 @@ def _daemon_pids(mountpoint: Path) -> list[int]:
             continue
         args = [a.decode(errors="replace") for a in argv if a]
         if "mount" in args and any("vaultsync" in a for a in args[:3]):
-            tail = args[-1] if args else ""
+            # The mount point is the last argument, or (`mount CONFIG MNT --from T`)
+            # the one after the config.
+            after = args[args.index("mount") + 1 :]
             with contextlib.suppress(OSError):
-                if os.path.realpath(tail) == want:
+                if any(os.path.realpath(a) == want for a in [*after[1:2], *after[-1:]]):
                     out.append(int(entry.name))
     return out
 

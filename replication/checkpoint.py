@@ -3,6 +3,8 @@
 A checkpoint as of LSN L is the catalog with every transaction up to L applied
 (docs/format.md §2.5). It is uploaded to a target only once that target holds
 whole segments up to L: a checkpoint never refers to a chunk the target lacks.
+Building, the per-target upload that keeps that rule, and the final checkpoint
+at unmount are in replicator.py (`Replicator._send_checkpoints`).
 """
 
 from __future__ import annotations

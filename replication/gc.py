@@ -15,7 +15,8 @@ against a chunk that is about to go. One run:
    mostly-garbage segments again at the head (compaction), and deletes
    segments with no live chunk left, everywhere, leaving
    `relocations/<segno>.json` so that older points still find moved chunks;
-4. deletes the checkpoints no retained point needs.
+4. deletes the checkpoints no retained point needs, and the relocation
+   records no retained point needs (`_drop_relocations`).
 
 Nothing is deleted from a target before every target answered: a run with a
 target down decides nothing (docs/format.md §2.6).
@@ -40,13 +41,15 @@ from vaultsync.errors import VaultsyncError
 from vaultsync.gcplan import SegmentRow, plan_segments, replay_segments
 from vaultsync.layout import (
     CHECKPOINTS,
+    RELOCATIONS,
     RETAINED_KEY,
     checkpoint_key,
     parse_checkpoint_key,
+    parse_relocation_key,
     relocation_key,
     segment_key,
 )
-from vaultsync.objectstore import ObjectStore, StoreError
+from vaultsync.objectstore import ObjectMissingError, ObjectStore, StoreError
 from vaultsync.retention import Point, Retained, plan_retention
 from vaultsync.snapshots import SNAPSHOTS
 from vaultsync.txn import SetBlocks, Transaction
@@ -75,6 +78,7 @@ class GcReport:
     segments_deleted: list[int] = field(default_factory=list)
     bytes_deleted: int = 0
     checkpoints_dropped: int = 0
+    relocations_dropped: int = 0
     waiting: list[int] = field(default_factory=list)  # compacted, deleted once shipped
     seconds: float = 0.0
     finished_ns: int = 0
@@ -105,6 +109,7 @@ class GarbageCollector:
         self.wait_shipped = wait_shipped
         self.cache = vol.state_dir / GC_DIR
         self.lock = asyncio.Lock()
+        self._reloc_lsn: dict[str, int | None] = {}  # records never change: read once
 
     # -- reading what is there ------------------------------------------------------
     async def _listing(self) -> tuple[dict[str, set[Point]], list[Point]]:
@@ -253,6 +258,7 @@ class GarbageCollector:
             report.chunks_dropped = sum(len(garbage[n]) for n in plan.delete + plan.compact)
             report.bytes_deleted = sum(r.size for r in candidates if r.segno in plan.delete)
             report.checkpoints_dropped = len(self._dropped(per_target, retained))
+            report.relocations_dropped = len(await self._old_relocations(retained))
             return
 
         # Readers learn what is retained before anything they could ask for goes.
@@ -289,6 +295,7 @@ class GarbageCollector:
                 report.waiting.append(n)
         vol.catalog.commit()
         report.checkpoints_dropped = await self._drop_checkpoints(per_target, retained)
+        report.relocations_dropped = await self._drop_relocations(retained)
 
     async def _compact(self, segnos: list[int]) -> int:
         """Store the live chunks of `segnos` again at the head; their records move as they are."""
@@ -346,7 +353,10 @@ class GarbageCollector:
                 moved[rec.payload[:_ID].hex()] = [loc.segno, loc.offset, loc.length]
         for st in self.stores:
             if moved:
-                doc = {"segno": segno, "chunks": moved}
+                # `lsn`: from this LSN on no point places a chunk in `segno` (its catalog
+                # holds none there now, and the segment never changes): points that new
+                # do not need this record, which is what lets GC delete it later.
+                doc = {"segno": segno, "lsn": vol.last_lsn, "chunks": moved}
                 await st.put(relocation_key(segno), json.dumps(doc).encode())
             await st.delete(segment_key(segno))
         path.unlink(missing_ok=True)
@@ -364,6 +374,46 @@ class GarbageCollector:
             for name, held in per_target.items()
         }
 
+    async def _old_relocations(self, retained: Retained) -> dict[str, list[str]]:
+        """Per target, the relocation records no retained point needs.
+
+        A record of segment S with `lsn` L is read only by a point older than L
+        (only such a point's catalog can place a chunk in S; a chain of moves
+        S -> T -> U has records with increasing `lsn`, so a point that needs
+        T's record but not S's finds T's still there). So once the oldest retained
+        point is at or after L, and `retained.json` says so (readers refuse
+        anything older), nothing reads it again. Listed at every target first:
+        a target that does not answer makes the run delete nothing.
+        """
+        oldest = retained.oldest_lsn()
+        listed: dict[str, list[str]] = {}
+        for st in self.stores:
+            try:
+                listed[st.name] = [o.key async for o in st.list(RELOCATIONS)]
+            except StoreError as e:
+                raise GcError(f"target {st.name!r} did not answer ({e.reason})") from None
+        old: dict[str, list[str]] = {}
+        for st in self.stores:
+            for key in listed[st.name]:
+                if parse_relocation_key(key) is None:
+                    continue
+                lsn = self._reloc_lsn.get(key)
+                if lsn is None:
+                    lsn = self._reloc_lsn[key] = await _relocation_lsn(st, key)
+                if lsn is not None and lsn <= oldest:
+                    old.setdefault(st.name, []).append(key)
+        return old
+
+    async def _drop_relocations(self, retained: Retained) -> int:
+        old = await self._old_relocations(retained)
+        count = 0
+        for st in self.stores:
+            keys = old.get(st.name, [])
+            if keys:
+                await st.delete_many(keys)
+                count += len(keys)
+        return count
+
     async def _drop_checkpoints(self, per_target: dict[str, set[Point]], retained: Retained) -> int:
         dropped = self._dropped(per_target, retained)
         count = 0
@@ -375,6 +425,19 @@ class GarbageCollector:
         for p in {p for ps in dropped.values() for p in ps}:
             (self.cache / f"ckpt-{p.lsn:016x}-{p.time_ns:016x}.ids").unlink(missing_ok=True)
         return count
+
+
+async def _relocation_lsn(st: ObjectStore, key: str) -> int | None:
+    """The `lsn` of a relocation record; None if it has none (written before records
+    carried it: kept, since nothing says which points still need it)."""
+    try:
+        doc = json.loads(await st.get(key))
+        return int(doc["lsn"]) if doc.get("lsn") is not None else None
+    except ObjectMissingError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("target %s: %s is malformed (%s); it is kept", st.name, key, e)
+        return None
 
 
 async def gc_unmounted(cfg: Config, passphrase: str | None, dry_run: bool) -> GcReport:

@@ -43,7 +43,7 @@ from vaultsync.recovery import (
     read_retained,
     rebuild,
 )
-from vaultsync.snapshots import create_snapshot
+from vaultsync.snapshots import create_snapshot, delete_snapshot
 from vaultsync.targets import init_volume
 from vaultsync.txn import DropDirent, DropInode, SetBlocks, SetDirent, SetInode, TruncateBlocks
 from vaultsync.volume import ROOT_INO, Volume
@@ -225,6 +225,71 @@ def test_compaction_moves_live_chunks_and_old_points_follow(
     reports = asyncio.run(_drive(cfg, plan, tmp_path))
     assert reports[0].segments_compacted and reports[0].chunks_moved
     assert reports[0].checkpoints_dropped
+
+
+def test_relocation_records_go_once_no_retained_point_needs_them(
+    seaweedfs: LocalProvider, rclone: LocalProvider, tmp_path: Path
+) -> None:
+    """A snapshot older than a compaction reads its moved chunks through the relocation
+    records, so GC keeps them; once the snapshot is deleted and the oldest retained point
+    is newer than the compaction, GC deletes them, and every retained point still reads."""
+    cfg = _config(tmp_path, seaweedfs, rclone, compact_below=0.9)
+    asyncio.run(_relocations(cfg, tmp_path))
+
+
+async def _relocations(cfg: Config, root: Path) -> None:
+    await init_volume(cfg, None)
+    vol = await Volume.open(cfg.volume.state_dir)
+    repl = Replicator(cfg, vol)
+    await repl.start()
+    w = Writer(vol, repl, cfg)
+    w.record()
+    stores = [sh.store for sh in repl.shippers]
+
+    async def records(st: ObjectStore) -> list[dict[str, object]]:
+        return [json.loads(await st.get(o.key)) async for o in st.list("relocations/")]
+
+    try:
+        await w.checkpoint()
+        for s in [
+            ("write", 0, [0, 1]),
+            ("snapshot",),
+            ("write", 0, [0]),
+            ("write", 1, [2, 3]),
+            ("checkpoint",),
+            ("write", 1, [3]),
+        ]:
+            await w.step(s)
+        await w.checkpoint()
+        first = [await repl.run_gc(), await repl.run_gc()]
+        assert first[0].chunks_moved and not any(r.relocations_dropped for r in first)
+        before: dict[str, list[dict[str, object]]] = {}
+        for st in stores:
+            recs = before[st.name] = await records(st)
+            assert recs, "snapshot s1 reads its moved chunks through them"
+            assert all(int(str(r["lsn"])) > 1 for r in recs)
+            await check_target(st, w.history, root / "p1")
+        # Still needed: a dry run keeps them.
+        assert (await repl.run_gc(dry_run=True)).relocations_dropped == 0
+        await delete_snapshot(cfg, "s1")
+        await w.step(("write", 2, [4]))
+        await w.checkpoint()  # the keep-everything window now starts after the compaction
+        old = sum(len(r) for r in before.values())
+        assert (await repl.run_gc(dry_run=True)).relocations_dropped == old
+        assert (await repl.run_gc()).relocations_dropped == old
+        for st in stores:
+            kept = await read_retained(st)
+            assert kept is not None
+            now = await records(st)
+            # The old ones are gone; any left (this run compacted more) are still needed.
+            assert not [r for r in now if r in before[st.name]]
+            assert all(int(str(r["lsn"])) > kept.oldest_lsn() for r in now)
+            assert await check_target(st, w.history, root / "p2") >= 1
+        assert await read_tree(vol) == w.tree
+    finally:
+        await repl.drain()
+        await repl.stop()
+        await vol.close()
 
 
 async def _drive(cfg: Config, plan: list[tuple[object, ...]], root: Path) -> list[GcReport]:

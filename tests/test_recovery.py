@@ -318,3 +318,60 @@ def test_restore_a_tree_as_it_was(
         timeout=120,
     )
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_point_mount_as_a_daemon_and_its_umount(
+    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider
+) -> None:
+    """`mount --from --daemon` returns once mounted, with a PID file and a log file,
+    like the writer's daemon mode; `vaultsync umount` stops it and waits for it."""
+    bucket = f"dr-{uuid.uuid4().hex[:12]}"
+    seaweedfs.create_bucket(bucket)
+    rclone.create_bucket(bucket)
+    a = Mount.create(tmp_path / "siteA", _targets_toml(seaweedfs, rclone, bucket))
+    a.start()
+    try:
+        (a.mountpoint / "f").write_bytes(b"as it was")
+        a.umount()
+    finally:
+        a.cleanup()
+    mp, pid_file, log = tmp_path / "mp", tmp_path / "run" / "pt.pid", tmp_path / "pt.log"
+    mp.mkdir()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vaultsync", *args], capture_output=True, text=True, timeout=120
+        )
+
+    pid = None
+    try:
+        res = cli(
+            "mount", str(a.config), str(mp), "--from", "rc", "--daemon",
+            "--pid-file", str(pid_file), "--log-file", str(log),
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert mounted_at(mp) is not None, "returned before the mount was up"
+        pid = int(pid_file.read_text().split()[0])
+        assert f"pid {pid}" in res.stdout
+        assert (mp / "f").read_bytes() == b"as it was"
+        assert "rebuilt" in log.read_text()
+        res = cli("umount", str(mp))
+        assert res.returncode == 0, res.stderr
+        assert mounted_at(mp) is None
+        # umount waited for the daemon: gone (not even a zombie), its PID file removed.
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+        assert not pid_file.exists()
+        # The default places, when none are given.
+        res = cli("mount", str(a.config), str(mp), "--from", "sw", "--at", "1", "--daemon")
+        assert res.returncode == 0, res.stderr
+        assert "pid file" in res.stdout and "log" in res.stdout
+        assert not (mp / "f").exists(), "LSN 1 is the empty root"
+        assert cli("umount", str(mp)).returncode == 0
+        # A bad point is an error of the command itself, with the daemon's reason.
+        res = cli("mount", str(a.config), str(mp), "--from", "sw", "--at", "nosuch", "--daemon")
+        assert res.returncode == 1 and "no snapshot named 'nosuch'" in res.stderr, res.stderr
+    finally:
+        if mounted_at(mp) is not None:
+            lazy_unmount(mp)
+        if pid is not None and Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)

@@ -495,22 +495,47 @@ def mount(
         str | None,
         typer.Option(help="With --from: an LSN, an ISO-8601 time, or a snapshot name."),
     ] = None,
+    pid_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --from: where the mount writes its PID (default with --daemon: "
+            "a file in the temp directory named after the mount point)."
+        ),
+    ] = None,
 ) -> None:
     """Mount the volume; stays in the foreground until unmounted or signalled."""
     cfg = load_config(config)
     if at is not None and from_target is None:
         raise typer.BadParameter("--at needs --from TARGET")
+    if pid_file is not None and from_target is None:
+        raise typer.BadParameter("--pid-file is for --from (the writer's is STATE_DIR/mount.pid)")
     if from_target is not None:
         import logging
 
-        from vaultsync.fuse.mount import run_point_mount
+        from vaultsync.fuse.mount import point_runtime_file, run_point_mount, start_daemon
 
+        cfg.target(from_target)  # an unknown target is an error here, not in the daemon's log
         if daemon:
-            raise typer.BadParameter("--daemon is not supported with --from yet")
+            log_path = log_file or point_runtime_file(mountpoint, "log")
+            pid_path = pid_file or point_runtime_file(mountpoint, "pid")
+            extra = ["--from", from_target, *(["--at", at] if at else [])]
+            pid = start_daemon(
+                config,
+                mountpoint,
+                log_path,
+                timeout=POINT_MOUNT_TIMEOUT,
+                extra_args=[*extra, "--pid-file", str(pid_path.resolve())],
+            )
+            out.print(
+                f"{cfg.volume.name} as of {at or 'the newest point'} from {from_target} "
+                f"mounted read-only at {mountpoint} (pid {pid}, pid file {pid_path}, "
+                f"log {log_path})"
+            )
+            return
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-        run_point_mount(cfg, from_target, at, mountpoint, _passphrase(cfg))
+        run_point_mount(cfg, from_target, at, mountpoint, _passphrase(cfg), pid_file=pid_file)
         return
     if daemon:
         from vaultsync.fuse.mount import start_daemon
@@ -527,6 +552,11 @@ def mount(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     run_mount(cfg, mountpoint, _passphrase(cfg), config.resolve())
+
+
+# Seconds `mount --from --daemon` waits for the rebuild and the mount (a large volume
+# without a recent checkpoint replays many segments first).
+POINT_MOUNT_TIMEOUT = 900.0
 
 
 @app.command()

@@ -89,3 +89,11 @@ RELOCATIONS = "relocations/"
 def relocation_key(segno: int) -> str:
     """Where the chunks of a garbage-collected segment `segno` went (§2.6)."""
     return f"{RELOCATIONS}{segno:016x}.json"
+
+
+_RELOC_RE = re.compile(r"^relocations/([0-9a-f]{16})\.json$")
+
+
+def parse_relocation_key(key: str) -> int | None:
+    m = _RELOC_RE.match(key)
+    return int(m.group(1), 16) if m else None

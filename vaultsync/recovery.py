@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from vaultsync import segment as seg
 from vaultsync.catalog import SCHEMA_VERSION, Catalog, StoredChunk
 from vaultsync.chunks import Codec
 from vaultsync.crypto import VolumeKeys
-from vaultsync.errors import FormatError, VaultsyncError, VolumeError
+from vaultsync.errors import CryptoError, FormatError, VaultsyncError, VolumeError
 from vaultsync.header import VolumeHeader
 from vaultsync.journal import Location
 from vaultsync.layout import (
@@ -178,6 +179,9 @@ async def _pick_checkpoint(
     return max(fit, default=None)
 
 
+REBUILD_AHEAD = 4  # segment downloads in flight while a rebuild replays
+
+
 class SegmentCache:
     """Downloaded segment bytes on local disk, bounded; the oldest are dropped first."""
 
@@ -200,6 +204,9 @@ class SegmentCache:
             total -= victim.stat().st_size
             victim.unlink(missing_ok=True)
 
+    def has(self, segno: int) -> bool:
+        return self.path(segno).exists()
+
     def read(self, loc: Location) -> bytes | None:
         try:
             with self.path(loc.segno).open("rb") as f:
@@ -219,11 +226,14 @@ async def rebuild(
     progress: Callable[[int, int], None] | None = None,
     *,
     use_checkpoint: bool = True,
+    durable: bool = True,
 ) -> tuple[Rebuilt, VolumeKeys | None]:
     """A fresh catalog in `state_dir` holding the volume as of `point`, from `store` alone.
 
     Starts from the newest checkpoint at or before the point (if any, and if
-    `use_checkpoint`), then replays only the segments after it.
+    `use_checkpoint`), then replays only the segments after it. The catalog is
+    built without fsync and made durable once at the end, or not at all when
+    not `durable` (a throwaway catalog: a point mount, a restore, an API view).
     """
     header = await read_remote_header(store)
     if header is None:
@@ -264,7 +274,8 @@ async def rebuild(
         if _image_schema(cat_path) != SCHEMA_VERSION:  # another catalog layout: replay instead
             cat_path.unlink()
             ckpt = None
-    catalog = Catalog.open(cat_path)
+    # A catalog rebuilt from scratch: no journal on disk, no fsync until it is whole.
+    catalog = Catalog.open(cat_path, bulk=True)
     result = Rebuilt(header, catalog, 0, 0)
     first_time: int | None = None
     if ckpt is not None:
@@ -278,6 +289,8 @@ async def rebuild(
         ]
         start = max(covered, default=0) + 1
         segnos = [n for n in segnos if n >= start]
+    else:
+        start = 1
 
     gap = False
 
@@ -318,28 +331,36 @@ async def rebuild(
                 result.lsn, result.time_ns = rec.lsn, rec.time_ns
         return True
 
+    def keep_and_apply(segno: int, data: bytes) -> bool:
+        cache.put(segno, data)
+        return apply_segment(segno, data, True)
+
     total = len(segnos)
-    fetch: asyncio.Task[bytes] | None = None
+    # Segments download REBUILD_AHEAD at a time while the oldest is applied: one GET
+    # at a time leaves most of a fast store's bandwidth unused.
+    fetches: dict[int, asyncio.Future[bytes]] = {}
     going = True
-    for i, segno in enumerate(segnos):
-        # Download the next segment while this one is applied.
-        data = await (fetch if fetch is not None else store.get(f"segments/{segno:016x}.seg"))
-        fetch = (
-            asyncio.ensure_future(store.get(f"segments/{segnos[i + 1]:016x}.seg"))
-            if i + 1 < total
-            else None
-        )
-        await asyncio.to_thread(cache.put, segno, data)
-        result.segments.append(segno)
-        going = await asyncio.to_thread(apply_segment, segno, data, True)
-        if progress is not None:
-            progress(i + 1, total)
-        if not going:
-            break
-    if fetch is not None:
-        fetch.cancel()
+    try:
+        for i, segno in enumerate(segnos):
+            for j in range(i, min(i + REBUILD_AHEAD, total)):
+                if j not in fetches:
+                    fetches[j] = asyncio.ensure_future(store.get(segment_key(segnos[j])))
+            data = await fetches.pop(i)
+            result.segments.append(segno)
+            going = await asyncio.to_thread(keep_and_apply, segno, data)
+            del data
+            if progress is not None:
+                progress(i + 1, total)
+            if not going:
+                break
+    finally:
+        for f in fetches.values():
+            f.cancel()
+            f.add_done_callback(lambda f: f.cancelled() or f.exception())
     if going and not gap:
-        nxt = (segnos[-1] + 1) if segnos else 1
+        # The tail pieces of the segment after the last whole one; with a checkpoint
+        # that covers every whole segment, that is the one after the checkpoint.
+        nxt = (segnos[-1] + 1) if segnos else start
         pieces: dict[tuple[int, int], str] = {}
         async for o in store.list(tail_prefix(nxt)):
             parsed = parse_tail_key(o.key)
@@ -375,7 +396,35 @@ async def rebuild(
         raise PointError(
             f"target {store.name!r} holds points up to LSN {result.lsn}, not {stop_lsn}"
         )
+    await asyncio.to_thread(catalog.end_bulk, cat_path, durable)
     return result, keys
+
+
+FETCH_SPAN = 8 << 20  # the most bytes one ranged GET of neighbouring chunks asks for
+FETCH_PARALLEL = 4  # ranged GETs in flight per recovered volume
+
+
+def _runs(
+    items: list[tuple[int, Location]],
+) -> dict[int, list[tuple[int, int, list[tuple[int, Location]]]]]:
+    """Per segment, (start, end, items) runs of adjacent records, each at most FETCH_SPAN."""
+    by_seg: dict[int, list[tuple[int, Location]]] = {}
+    for item in items:
+        by_seg.setdefault(item[1].segno, []).append(item)
+    out: dict[int, list[tuple[int, int, list[tuple[int, Location]]]]] = {}
+    for segno, group in by_seg.items():
+        group.sort(key=lambda it: it[1].offset)
+        runs: list[tuple[int, int, list[tuple[int, Location]]]] = []
+        for item in group:
+            loc = item[1]
+            if runs:
+                start, end, run = runs[-1]
+                if start <= loc.offset <= end and loc.offset + loc.length - start <= FETCH_SPAN:
+                    runs[-1] = (start, max(end, loc.offset + loc.length), [*run, item])
+                    continue
+            runs.append((loc.offset, loc.offset + loc.length, [item]))
+        out[segno] = runs
+    return out
 
 
 class RecoveredVolume:
@@ -404,6 +453,7 @@ class RecoveredVolume:
         self.cache = cache
         self.last_lsn = rebuilt.lsn
         self._moved: dict[int, dict[bytes, Location]] = {}
+        self._fetching = asyncio.Semaphore(FETCH_PARALLEL)
 
     async def read_chunk(self, cid: bytes) -> bytes:
         loc = self.catalog.chunk_location(cid)
@@ -431,8 +481,69 @@ class RecoveredVolume:
         rec = seg.decode_record(raw, f"target {self.store.name!r} segment {loc.segno}")
         return await asyncio.to_thread(self.codec.decode_chunk, rec, cid)
 
-    async def read_chunks(self, cids: list[bytes]) -> list[bytes]:
-        return [await self.read_chunk(c) for c in cids]
+    async def read_chunks(self, cids: Sequence[bytes]) -> list[bytes]:
+        """Several chunks at once: what a sequential read or a restore asks for.
+
+        One catalog query for all of them; chunks in cached segments are read
+        with os.pread in one worker-thread trip; the rest are fetched as ranged
+        GETs that each cover a run of neighbouring records (a file written in
+        order lies in its segments in order), FETCH_PARALLEL of them in flight
+        per volume. Records are checked and decoded off the event loop. Anything
+        that does not come back whole and verified this way (a segment GC moved,
+        a bad record) is read again by `read_chunk`, which knows the slow cases.
+        """
+        locs = self.catalog.chunk_locations(cids)
+        out: list[bytes | None] = [None] * len(cids)
+        local: list[tuple[int, Location]] = []
+        remote: list[tuple[int, Location]] = []
+        cached: dict[int, bool] = {}
+        for i, c in enumerate(cids):
+            loc = locs.get(c)
+            if loc is not None:
+                if loc.segno not in cached:
+                    cached[loc.segno] = self.cache.has(loc.segno)
+                (local if cached[loc.segno] else remote).append((i, loc))
+
+        def decode(span: bytes, start: int, run: list[tuple[int, Location]]) -> None:
+            for i, loc in run:
+                raw = span[loc.offset - start : loc.offset - start + loc.length]
+                try:
+                    rec = seg.decode_record(raw, f"segment {loc.segno}@{loc.offset}")
+                    out[i] = self.codec.decode_chunk(rec, expect_id=cids[i])
+                except (FormatError, CryptoError):
+                    pass  # read_chunk below says what is wrong
+
+        def read_local() -> None:
+            for segno, runs in _runs(local).items():
+                try:
+                    fd = os.open(self.cache.path(segno), os.O_RDONLY)
+                except OSError:
+                    continue  # evicted meanwhile
+                try:
+                    for start, end, run in runs:
+                        decode(os.pread(fd, end - start, start), start, run)
+                finally:
+                    os.close(fd)
+
+        async def fetch(segno: int, start: int, end: int, run: list[tuple[int, Location]]) -> None:
+            async with self._fetching:
+                try:
+                    span = await self.store.get(segment_key(segno), (start, end))
+                except ObjectMissingError:
+                    return  # GC moved these chunks: read_chunk follows the relocation
+            await asyncio.to_thread(decode, span, start, run)
+
+        jobs = [
+            fetch(segno, start, end, run)
+            for segno, runs in _runs(remote).items()
+            for start, end, run in runs
+        ]
+        if local:
+            jobs.append(asyncio.to_thread(read_local))
+        await asyncio.gather(*jobs)
+        return [
+            g if g is not None else await self.read_chunk(c) for g, c in zip(out, cids, strict=True)
+        ]
 
     def commit_nowait(self, ops: object, chunks: object = ()) -> int:
         from vaultsync.filesystem import FsError

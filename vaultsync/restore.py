@@ -29,8 +29,6 @@ from vaultsync.objectstore import ObjectStore
 from vaultsync.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
 from vaultsync.volume import ROOT_INO
 
-READ_SIZE = 4 << 20
-
 
 class RestoreError(VaultsyncError):
     pass
@@ -149,13 +147,9 @@ class _Restorer:
             fd, tmp = tempfile.mkstemp(prefix=".vsrestore-", dir=dest.parent)
             try:
                 with os.fdopen(fd, "wb") as out:
-                    off = 0
-                    while off < node.size:
-                        data = await self.fs.read(node.ino, off, READ_SIZE)
-                        if not data:
-                            break
-                        out.write(data)
-                        off += len(data)
+                    # The write runs in a thread while the next batch is fetched.
+                    async for data in self.fs.stream(node.ino):
+                        await asyncio.to_thread(out.write, data)
                         self.report.bytes += len(data)
                         if self.progress is not None:
                             self.progress(len(data))
@@ -226,7 +220,7 @@ async def restore(
     with tempfile.TemporaryDirectory(prefix="vaultsync-restore-") as tmp:
         async with ObjectStore(cfg.target(target)) as store:
             cache = SegmentCache(Path(tmp) / "segments", 2 << 30)
-            rebuilt, keys = await rebuild(store, Path(tmp), passphrase, point, cache)
+            rebuilt, keys = await rebuild(store, Path(tmp), passphrase, point, cache, durable=False)
             vol = RecoveredVolume(Path(tmp), rebuilt, keys, store, cache)
             try:
                 fs = FileSystem(vol)  # type: ignore[arg-type]
