@@ -23,6 +23,7 @@ from tests.api_helpers import (
     READ_TOKEN,
     ApiServer,
     Volume,
+    _fsync,
     api_toml,
     auth,
     wait_healthy,
@@ -216,6 +217,85 @@ def test_live_head_and_snapshots_only_at_the_writer(env: dict[str, Any]) -> None
     r = httpx.delete(live + f"/v1/snapshots/{name}", headers=H)
     assert r.status_code == 200 and set(r.json()["deleted_at"]) == {"sw", "rc"}
     assert name not in {s["name"] for s in _get(live, "/v1/snapshots").json()}
+
+
+def _listing(url: str, path: str, **params: Any) -> tuple[set[str], int] | None:
+    """Names in a directory and the LSN listed, or None while the point or path is missing."""
+    r = _get(url, "/v1/tree" + path, **params)
+    if r.status_code == 404:
+        return None
+    assert r.status_code == 200, r.text
+    return {e["name"] for e in r.json()["entries"]}, int(r.json()["point"]["lsn"])
+
+
+def _names(url: str, path: str, **params: Any) -> set[str] | None:
+    got = _listing(url, path, **params)
+    return None if got is None else got[0]
+
+
+def _rebuilds(url: str) -> int:
+    for line in _get(url, "/metrics").text.splitlines():
+        if line.startswith("vaultsync_api_point_view_rebuilds_total"):
+            return int(float(line.split()[-1]))
+    raise AssertionError("no rebuild counter in /metrics")
+
+
+def _until(check: Any, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+def test_listing_cache_follows_the_volume(env: dict[str, Any]) -> None:
+    """Cached listings: 'latest' follows writes, a fixed LSN or snapshot never drifts.
+
+    The live server's 'latest' is the mount itself, so a write shows at once.
+    The standalone server caches its 'latest' view and revalidates it against
+    the target's head: new segments show within a few seconds, and an
+    unchanged target costs no rebuild. A fixed LSN is served from the cache
+    as it was; a snapshot deleted and made again under the same name at this
+    server shows its new point at once.
+    """
+    live, standalone = env["live"], env["standalone"]
+    mnt = env["vol"].mount.mountpoint
+    d = mnt / "cache-check"
+    d.mkdir()
+    (d / "a").write_bytes(b"a")
+    assert _names(live, "/cache-check") == {"a"}  # not even flushed: the live head has it
+    (d / "b").write_bytes(b"b")
+    assert _names(live, "/cache-check") == {"a", "b"}
+    _fsync(d / "b")
+    name = f"cache-{os.getpid()}"
+    r = httpx.post(live + "/v1/snapshots", json={"name": name}, headers=H)
+    assert r.status_code == 201, r.text
+    lsn_ab = r.json()["lsn"]
+    # The standalone server reads the async rclone target: wait for it to catch up.
+    assert _until(lambda: _names(standalone, "/cache-check") == {"a", "b"}, 30)
+    (d / "c").write_bytes(b"c")
+    _fsync(d / "c")
+    # At most FRESH_SECONDS (5) plus shipping later, the standalone 'latest' has c.
+    assert _until(lambda: _names(standalone, "/cache-check") == {"a", "b", "c"}, 30)
+    for url in (live, standalone):
+        for _ in range(2):  # built, then cached: the same either way
+            assert _listing(url, "/cache-check", at=str(lsn_ab)) == ({"a", "b"}, lsn_ab)
+        assert _until(lambda u=url: _names(u, "/cache-check", at=name) == {"a", "b"})
+    # The same snapshot name, made again later: this server forgets its old view.
+    assert httpx.delete(live + f"/v1/snapshots/{name}", headers=H).status_code == 200
+    r = httpx.post(live + "/v1/snapshots", json={"name": name}, headers=H)
+    assert r.status_code == 201, r.text
+    got = _until(lambda: _listing(live, "/cache-check", at=name))
+    assert got == ({"a", "b", "c"}, r.json()["lsn"]) and r.json()["lsn"] > lsn_ab
+    assert httpx.delete(live + f"/v1/snapshots/{name}", headers=H).status_code == 200
+    # Nothing new at the target: the cached 'latest' outlives FRESH_SECONDS without a rebuild.
+    time.sleep(1.5)  # the last segment sealed by age, its tail pieces cleaned up
+    _names(standalone, "/cache-check")
+    before = _rebuilds(standalone)
+    time.sleep(5.5)
+    assert _names(standalone, "/cache-check") == {"a", "b", "c"}
+    assert _rebuilds(standalone) == before
 
 
 def _wait_job(url: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
