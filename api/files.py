@@ -11,6 +11,8 @@ volume is never rendered as a page on the API's own origin.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import stat
 from collections.abc import AsyncIterator
@@ -210,17 +212,33 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
             return Response(status_code=status, headers=headers)
 
         async def body() -> AsyncIterator[bytes]:
+            fs, ino = view.fs, node.ino
+
+            def read_at(pos: int) -> asyncio.Future[bytes] | None:
+                if pos >= end:
+                    return None
+                return asyncio.ensure_future(fs.read(ino, pos, min(READ_SIZE, end - pos)))
+
+            # One read ahead of the one being sent: the next piece is fetched and
+            # decoded (in worker threads) while the client drains this one.
+            nxt = read_at(start)
             try:
                 pos = start
-                while pos < end:
-                    data = await view.fs.read(node.ino, pos, min(READ_SIZE, end - pos))
+                while nxt is not None:
+                    data = await nxt
                     if not data:
                         # The live file shrank under us: end the stream short, visibly.
+                        nxt = None
                         raise ApiError(500, "file_changed", f"{clean} changed while being sent")
                     pos += len(data)
+                    nxt = read_at(pos)
                     metrics.bytes_sent += len(data)
                     yield data
             finally:
+                if nxt is not None:
+                    nxt.cancel()
+                    with contextlib.suppress(BaseException):
+                        await nxt
                 await backend.views.release(view)
 
         return StreamingResponse(

@@ -51,6 +51,7 @@ from vaultsync.recovery import (
 )
 
 FRESH_SECONDS = 5.0
+VIEW_CACHE = 16 << 20  # decoded chunks kept per view
 LIVE_WORDS = ("", "latest", "now", "live")
 
 
@@ -191,7 +192,12 @@ class PointViews:
             await asyncio.to_thread(shutil.rmtree, where, True)
             raise
         vol = RecoveredVolume(where, rebuilt, keys, self.store, self.segments)
-        fs = FileSystem(vol, cache_limit=16 << 20)  # type: ignore[arg-type]
+        fs = FileSystem(vol, cache_limit=VIEW_CACHE)  # type: ignore[arg-type]
+        # Read-ahead fills the chunk cache in one go: a span larger than half the cache
+        # (32 blocks of 1 MiB chunks) evicted its own first blocks before they were read,
+        # and every block was decoded twice. Keep the span within half the cache.
+        span = VIEW_CACHE // 2 // fs.block_size
+        fs.READ_AHEAD_BLOCKS = max(1, min(FileSystem.READ_AHEAD_BLOCKS, span))
         return View(
             fs, rebuilt.lsn, rebuilt.time_ns, False, rebuilt.header.volume_id_hex, vol, where, head
         )
