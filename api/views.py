@@ -6,7 +6,8 @@ same point. A view in use by a download is never closed under it: eviction
 only marks it, and the last user closes it. Rebuilds run one at a time: they
 share the segment cache, and two cores serve everyone.
 
-A past LSN never changes, so its view is reused as long as it is cached.
+A past LSN never changes, so its view is reused as long as it is cached
+(and downloads from it may be cached by HTTP clients: `View.fixed`).
 Other points can move, and their views are revalidated at most every
 FRESH_SECONDS by something much cheaper than a rebuild:
 
@@ -16,6 +17,8 @@ FRESH_SECONDS by something much cheaper than a rebuild:
   the newest point and is kept, else it is rebuilt. A listing is one or two
   requests; a rebuild downloads and replays segments, so without this check
   a server rebuilt "latest" every few seconds even when nothing changed.
+  A time view stays checked this way until its time is FRESH_SECONDS old
+  and the head has not moved since it was built: then it is settled (fixed).
 - a snapshot name: it can be deleted and made again at another LSN. Its
   LSN is read again (one GET); the view is kept while it is the same.
   Snapshots created or deleted through this API drop the view at once.
@@ -65,6 +68,7 @@ class View:
     vol: RecoveredVolume | None = None
     directory: Path | None = None
     head: str | None = None  # the target's head before the rebuild, for a moving point
+    fixed: bool = False  # a past LSN or time: what it shows never changes (HTTP may cache it)
     checked: float = field(default_factory=time.monotonic)
     users: int = 0
     evicted: bool = False
@@ -123,8 +127,10 @@ class PointViews:
                 same = await snapshot_lsn(self.store, spec.snapshot) == view.lsn
             except VaultsyncError:
                 same = False  # deleted, or unreadable: the rebuild says which, clearly
-        elif self._moving(spec):
-            same = view.head is not None and await self._head() == view.head
+        elif view.head is not None:  # built while the point could still move
+            same = await self._head() == view.head
+            if same and not self._moving(spec):
+                view.head, view.fixed = None, True  # a time now in the past: settled
         else:
             return True
         if same:
@@ -198,8 +204,17 @@ class PointViews:
         # and every block was decoded twice. Keep the span within half the cache.
         span = VIEW_CACHE // 2 // fs.block_size
         fs.READ_AHEAD_BLOCKS = max(1, min(FileSystem.READ_AHEAD_BLOCKS, span))
+        fixed = spec.snapshot is None and head is None
         return View(
-            fs, rebuilt.lsn, rebuilt.time_ns, False, rebuilt.header.volume_id_hex, vol, where, head
+            fs,
+            rebuilt.lsn,
+            rebuilt.time_ns,
+            False,
+            rebuilt.header.volume_id_hex,
+            vol,
+            where,
+            head,
+            fixed=fixed,
         )
 
     @property

@@ -42,6 +42,13 @@ def _write(path: Path, size: int, seed: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of process `pid` so far: a figure the machine's other load barely
+    moves, unlike wall-clock throughput on two shared cores."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="size of the big file")
@@ -92,7 +99,10 @@ def main() -> int:
             c.get("/v1/meta/big.bin", params={"at": old_point}).raise_for_status()
             print(f"point view rebuilt (first request) in {time.monotonic() - t0:.1f}s")
             results = {}
+            cpu: dict[str, float] = {}
+            pid = server.proc.pid
             for label in ("cold", "warm"):
+                c0 = _cpu_seconds(pid)
                 t0 = time.monotonic()
                 n = 0
                 with c.stream("GET", "/v1/content/big.bin", params={"at": old_point}) as r:
@@ -100,6 +110,7 @@ def main() -> int:
                     for chunk in r.iter_bytes(1 << 20):
                         n += len(chunk)
                 results[label] = n / (time.monotonic() - t0) / 1e6
+                cpu[label] = _cpu_seconds(pid) - c0
                 assert n == size
             t0 = time.monotonic()
             with open(local, "rb") as f:
@@ -110,16 +121,20 @@ def main() -> int:
                 print(
                     f"download {args.size_mib} MiB as of an old point ({label}): {mbs:8.1f} MB/s"
                     f"   local read: {disk:8.1f} MB/s   ratio {mbs / disk:.3f}"
+                    f"   server CPU {cpu[label]:.2f} s ({size / 1e6 / max(cpu[label], 0.01):.0f}"
+                    " MB per CPU-second)"
                 )
             rates: dict[str, float] = {}
             for label, at in (("latest", {}), ("old point", {"at": old_point})):
                 c.get("/v1/tree/many", params={"limit": 50, **at}).raise_for_status()
+                c0 = _cpu_seconds(pid)
                 t0 = time.monotonic()
                 for i in range(args.requests):
                     cursor = (i * 50) % max(1, args.files - 50)
                     params = {"limit": 50, "cursor": cursor, **at}
                     c.get("/v1/tree/many", params=params).raise_for_status()
                 rates[label] = args.requests / (time.monotonic() - t0)
+                cpu["list " + label] = (_cpu_seconds(pid) - c0) / args.requests
         t0 = time.monotonic()
         for _ in range(args.requests):
             with os.scandir(local_dir) as it:
@@ -131,7 +146,8 @@ def main() -> int:
         for label, api_rps in rates.items():
             print(
                 f"listing 50 entries ({label}): {api_rps:8.1f} req/s   local os.scandir+stat: "
-                f"{local_rps:8.1f} /s   ratio {api_rps / local_rps:.4f}"
+                f"{local_rps:8.1f} /s   ratio {api_rps / local_rps:.4f}   server CPU "
+                f"{cpu['list ' + label] * 1e3:.2f} ms/request"
             )
         return 0
     finally:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +172,94 @@ def test_meta_and_downloads_byte_for_byte(url: str, env: dict[str, Any]) -> None
     assert r.status_code == 200 and r.content == new  # stale If-Range: the whole new file
     h = httpx.head(url + "/v1/content/docs/a.txt", params={"at": at0}, headers=H)
     assert h.status_code == 200 and h.headers["content-length"] == "1400"
+
+
+def test_conditional_requests_rfc9110(url: str, env: dict[str, Any]) -> None:
+    """Downloads answer conditional requests as RFC 9110 §13 says.
+
+    304 (no content) when If-None-Match matches (weak comparison, `*`, lists)
+    or, without If-None-Match, when If-Modified-Since is not older than
+    Last-Modified (any of the three HTTP-date forms; an invalid date is
+    ignored); 412 when If-Match fails (strong comparison) or the file changed
+    after If-Unmodified-Since; If-Range lets a Range through only for the same
+    strong ETag or the exact Last-Modified date. HEAD says what GET would send.
+    """
+    vol: Volume = env["vol"]
+    data = vol.rounds[0].files["/docs/a.txt"]
+    path = url + "/v1/content/docs/a.txt"
+    # A fixed LSN (a time may still be settling when the test runs).
+    at0 = str(_get(url, "/v1/meta/docs/a.txt", at=vol.rounds[0].at).json()["point"]["lsn"])
+
+    def get(method: str = "GET", **headers: str) -> httpx.Response:
+        hdrs = {**H, **{k.replace("_", "-"): v for k, v in headers.items()}}
+        return httpx.request(method, path, params={"at": at0}, headers=hdrs, timeout=60)
+
+    full = get()
+    assert full.status_code == 200 and full.content == data
+    tag, lm = full.headers["etag"], full.headers["last-modified"]
+    assert tag.startswith('"') and tag.endswith('"')
+    assert full.headers["cache-control"] == "private, max-age=3600"  # a past LSN: fixed
+    lm_s = int(parsedate_to_datetime(lm).timestamp())
+
+    def date(s: int, form: str = "imf") -> str:
+        d = datetime.fromtimestamp(s, UTC)
+        if form == "rfc850":
+            return d.strftime("%A, %d-%b-%y %H:%M:%S GMT")
+        if form == "asctime":
+            return d.strftime("%a %b ") + f"{d.day:>2}" + d.strftime(" %H:%M:%S %Y")
+        return format_datetime(d, usegmt=True)
+
+    def not_modified(r: httpx.Response) -> None:
+        assert r.status_code == 304, (r.status_code, r.request.headers)
+        assert r.content == b""
+        assert r.headers["etag"] == tag and r.headers["last-modified"] == lm
+        assert r.headers.get("content-length", str(len(data))) == str(len(data))
+
+    # If-None-Match: weak comparison, any member of a list, or "*".
+    for inm in (tag, "W/" + tag, f'"nope", {tag}', "*"):
+        not_modified(get(if_none_match=inm))
+    assert get(if_none_match='"nope", W/"other"').status_code == 200
+    not_modified(get(if_none_match=tag, range="bytes=0-9"))  # 304 before Range
+    # If-Modified-Since, only without If-None-Match.
+    for form in ("imf", "rfc850", "asctime"):
+        not_modified(get(if_modified_since=date(lm_s, form)))
+    not_modified(get(if_modified_since=date(lm_s + 3600)))
+    r = get(if_modified_since=date(lm_s - 1))
+    assert r.status_code == 200 and r.content == data
+    assert get(if_modified_since="not a date").status_code == 200
+    r = get(if_none_match='"nope"', if_modified_since=date(lm_s + 3600))
+    assert r.status_code == 200 and r.content == data  # If-None-Match wins
+    # If-Match: strong comparison; If-Unmodified-Since only without If-Match.
+    for im in (tag, f'"nope", {tag}', "*"):
+        assert get(if_match=im).status_code == 200
+    for im in ('"nope"', "W/" + tag):
+        r = get(if_match=im)
+        assert r.status_code == 412 and r.json()["error"] == "precondition_failed"
+        assert "traceback" not in r.text.lower()
+    r = get(if_unmodified_since=date(lm_s - 86400))
+    assert r.status_code == 412 and "If-Unmodified-Since" in r.json()["message"]
+    assert get(if_unmodified_since=date(lm_s)).status_code == 200
+    assert get(if_match=tag, if_unmodified_since=date(lm_s - 86400)).status_code == 200
+    # If-Range: the range for the same version, the whole file otherwise.
+    for ok in (tag, lm):
+        r = get(range="bytes=3-9", if_range=ok)
+        assert r.status_code == 206 and r.content == data[3:10], ok
+        assert r.headers["content-range"] == f"bytes 3-9/{len(data)}"
+    for stale in ("W/" + tag, '"nope"', date(lm_s - 1)):
+        r = get(range="bytes=3-9", if_range=stale)
+        assert r.status_code == 200 and r.content == data, stale
+    # HEAD: the headers GET would send, no content.
+    h = get("HEAD")
+    assert h.status_code == 200 and h.content == b""
+    assert h.headers["content-length"] == str(len(data)) and h.headers["etag"] == tag
+    h = get("HEAD", range="bytes=-100")
+    assert h.status_code == 206 and h.headers["content-length"] == "100"
+    assert h.headers["content-range"] == f"bytes {len(data) - 100}-{len(data) - 1}/{len(data)}"
+    assert get("HEAD", if_none_match=tag).status_code == 304
+    assert get("HEAD", if_match='"nope"').status_code == 412
+    # "latest" can change: caches must ask again every time.
+    r = _get(url, "/v1/content/docs/a.txt")
+    assert r.status_code == 200 and r.headers["cache-control"] == "private, no-cache"
 
 
 def test_unknown_points_and_paths_are_clear(url: str) -> None:
