@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections.abc import Iterator
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vaultsync.config import Config, _host_port, is_loopback
 from vaultsync.errors import ConfigError
@@ -79,6 +82,37 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+BAD_HTTP = json.dumps(
+    {
+        "error": "bad_request",
+        "message": "the request is not valid HTTP/1.1 (request line, header or body framing); "
+        "check the client",
+    }
+).encode()
+
+
+class JsonErrorProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, answering a request it cannot parse in the API's JSON shape.
+
+    Such a request never reaches the app (so no exception handler sees it);
+    uvicorn's own answer is a plain-text 400, the one error that was not JSON.
+    """
+
+    def send_400_response(self, msg: str) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(BAD_HTTP)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=BAD_HTTP),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
 class _QuietServer(uvicorn.Server):
     """A uvicorn server that leaves signal handling to its host process."""
 
@@ -97,6 +131,7 @@ def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
         server_header=False,
         proxy_headers=False,
         timeout_graceful_shutdown=5,
+        http=JsonErrorProtocol,
     )
 
 

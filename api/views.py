@@ -53,9 +53,27 @@ from vaultsync.recovery import (
     snapshot_lsn,
 )
 
+from .errors import ApiError
+
 FRESH_SECONDS = 5.0
 VIEW_CACHE = 16 << 20  # decoded chunks kept per view
 LIVE_WORDS = ("", "latest", "now", "live")
+
+
+def _parse(text: str) -> PointSpec:
+    """`parse_point`, with its ValueError (`lsn:abc`) and impossible LSNs as a 400, not a 500."""
+    try:
+        spec = parse_point(text)
+    except ValueError:
+        spec = None
+    if spec is None or (spec.lsn is not None and spec.lsn < 1):
+        raise ApiError(
+            400,
+            "bad_point",
+            f"at={text!r} is not a point: give an LSN (1 or more, e.g. 1234 or lsn:1234), an "
+            "ISO-8601 time, a snapshot name, or nothing for the newest point",
+        )
+    return spec
 
 
 @dataclass
@@ -144,7 +162,7 @@ class PointViews:
         if self.live is not None and text in LIVE_WORDS:
             vol = self.live.vol
             return View(self.live, vol.last_lsn, time.time_ns(), True, vol.header.volume_id_hex)
-        spec = parse_point(text)
+        spec = _parse(text)
         async with self._lock:
             view = self._views.get(spec)
             if view is not None and await self._still_valid(spec, view):
