@@ -165,6 +165,11 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
         "/content/{path:path}",
         methods=["GET", "HEAD"],
         summary="Download a file as of a point (streamed, HTTP Range)",
+        description=(
+            "GET or HEAD. Conditional requests as RFC 9110 §13: If-None-Match or "
+            "If-Modified-Since give 304, If-Match or If-Unmodified-Since 412, If-Range "
+            "guards Range. Cache-Control allows reuse only as of a fixed point."
+        ),
         response_class=Response,
         responses={
             200: {"content": {"application/octet-stream": {}}},
