@@ -98,7 +98,14 @@ class HeadAsGet:
             and scope.get("method") == "HEAD"
             and not str(scope.get("path", "")).startswith(self.OWN_HEAD)
         ):
-            scope = {**scope, "method": "GET", "vaultsync.head": True}
+            # A copy: uvicorn reads the method from its own scope to leave the body out.
+            inner = {**scope, "method": "GET", "vaultsync.head": True}
+            try:
+                await self.app(inner, receive, send)
+            finally:
+                if "route" in inner:  # for CountRequests, outside: HEAD counted by route
+                    scope["route"] = inner["route"]
+            return
         await self.app(scope, receive, send)
 
 

@@ -320,6 +320,11 @@ def test_head_wherever_get(srv: dict[str, Any]) -> None:
     assert r.status_code == 405 and "DELETE" in r.headers["allow"]
     r = httpx.head(srv["url"] + "/v1/status")  # no token: still a 401, not a 405
     assert r.status_code == 401
+    text = httpx.get(srv["url"] + "/metrics", headers=h).text
+    assert (
+        'vaultsync_api_requests_total{method="HEAD",route="/v1/tree/{path:path}",status="200"}'
+        in text
+    )
 
 
 def test_serve_refuses_unsafe_configs(srv: dict[str, Any], tmp_path: Path) -> None:
