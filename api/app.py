@@ -78,6 +78,37 @@ class CountRequests:
             self.metrics.count(scope.get("method", "?"), name, status or 500)
 
 
+class HeadAsGet:
+    """HEAD answered wherever GET is (RFC 9110 §9.1: every server supports both).
+
+    FastAPI routes a HEAD only to routes that list it, so HEAD /v1/health was a
+    405. Routes without their own HEAD handling run as GET; uvicorn knows the
+    request was HEAD and sends the headers (Content-Length included) without
+    the body. Downloads handle HEAD themselves, without reading the file.
+    """
+
+    OWN_HEAD = ("/v1/content/", "/ui/")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope.get("method") == "HEAD"
+            and not str(scope.get("path", "")).startswith(self.OWN_HEAD)
+        ):
+            # A copy: uvicorn reads the method from its own scope to leave the body out.
+            inner = {**scope, "method": "GET", "vaultsync.head": True}
+            try:
+                await self.app(inner, receive, send)
+            finally:
+                if "route" in inner:  # for CountRequests, outside: HEAD counted by route
+                    scope["route"] = inner["route"]
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(backend: Backend, auth: Auth) -> FastAPI:
     app = FastAPI(
         title="vaultsync restore API",
@@ -162,6 +193,7 @@ def create_app(backend: Backend, auth: Auth) -> FastAPI:
         return RedirectResponse("/ui/")
 
     app.mount("/ui", StaticFiles(directory=WEB, html=True), name="ui")
+    app.add_middleware(HeadAsGet)
     app.add_middleware(CountRequests, metrics=metrics)
     app.add_middleware(LimitRequests)
     return app

@@ -120,8 +120,12 @@ class Backend:
                 "bad_lsn",
                 f"LSN {lsn} is not committed yet (newest: {self.live.vol.last_lsn})",
             )
-        return await create_snapshot(self.cfg, name, lsn)
+        made = await create_snapshot(self.cfg, name, lsn)
+        await self.views.forget_snapshot(name)  # a view of an older snapshot of that name
+        return made
 
     async def delete_snapshot(self, name: str) -> list[str]:
         self._need_writer()
-        return await delete_snapshot(self.cfg, name)
+        gone = await delete_snapshot(self.cfg, name)
+        await self.views.forget_snapshot(name)
+        return gone

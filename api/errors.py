@@ -63,6 +63,7 @@ def _from_vaultsync(e: VaultsyncError) -> tuple[int, str]:
 
 
 _STATUS_CODES = {
+    400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
@@ -95,7 +96,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if e.status_code == 404:
             msg = f"no such endpoint: {req.url.path}; the API is under /v1 (see /openapi.json)"
         elif e.status_code == 405:
-            msg = f"{req.method} is not allowed on {req.url.path} (see /openapi.json)"
+            method = "HEAD" if req.scope.get("vaultsync.head") else req.method
+            msg = f"{method} is not allowed on {req.url.path} (see /openapi.json)"
+        elif e.status_code == 400 and "parsing the body" in msg:
+            # FastAPI's words for a body json.loads gave up on (e.g. nested too deep).
+            msg = "the request body could not be read as JSON; send one small JSON object"
         return error_response(e.status_code, code, msg, dict(e.headers or {}))
 
     @app.exception_handler(FsError)

@@ -2,20 +2,25 @@
 
 Paths are resolved from the root through the catalog (symlinks are shown,
 never followed), so nothing outside the volume is reachable. Downloads are
-streamed in 1 MiB reads with a fixed Content-Length, a strong ETag (the
-file's identity and version: volume, inode, size, mtime, ctime, which are
-the same at every point where the content is), Last-Modified, and single
-byte ranges. They are sent as attachments with `nosniff`, so a file from the
-volume is never rendered as a page on the API's own origin.
+streamed in 1 MiB reads, the next read under way while the client drains
+the last, with a fixed Content-Length, a strong ETag (the file's identity
+and version: volume, inode, size, mtime, ctime, which are the same at every
+point where the content is), Last-Modified, single byte ranges, and the
+conditional requests of RFC 9110 §13 (conditional.py): 304 on If-None-Match
+or If-Modified-Since, 412 on If-Match or If-Unmodified-Since, If-Range
+guarding a resumed Range. They are sent as attachments with `nosniff`, so a
+file from the volume is never rendered as a page on the API's own origin.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import stat
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -25,6 +30,7 @@ from fastapi.responses import StreamingResponse
 from vaultsync.catalog import Inode
 from vaultsync.restore import RestoreError, _resolve
 
+from . import conditional
 from .auth import Auth
 from .backend import Backend
 from .errors import ApiError
@@ -159,8 +165,19 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
         "/content/{path:path}",
         methods=["GET", "HEAD"],
         summary="Download a file as of a point (streamed, HTTP Range)",
+        description=(
+            "GET or HEAD. Conditional requests as RFC 9110 §13: If-None-Match or "
+            "If-Modified-Since give 304, If-Match or If-Unmodified-Since 412, If-Range "
+            "guards Range. Cache-Control allows reuse only as of a fixed point."
+        ),
         response_class=Response,
-        responses={200: {"content": {"application/octet-stream": {}}}, 206: {}, 304: {}, 416: {}},
+        responses={
+            200: {"content": {"application/octet-stream": {}}},
+            206: {},
+            304: {},
+            412: {},
+            416: {},
+        },
     )
     async def content(request: Request, path: str, at: At = None) -> Response:
         clean = volume_path(path)
@@ -174,26 +191,38 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
                     400, "not_a_file", f"{clean} is a {kind}{hint}; only files can be downloaded"
                 )
             tag = etag(view, node)
+            mtime_s = node.mtime_ns // 10**9
             name = clean.rsplit("/", 1)[-1] or "file"
-            headers = {
+            validators = {
                 "ETag": tag,
-                "Last-Modified": format_datetime(
-                    datetime.fromtimestamp(node.mtime_ns / 1e9, UTC), usegmt=True
-                ),
+                "Last-Modified": conditional.last_modified(mtime_s),
+                # Only a fixed point may be reused without asking: "latest", a recent
+                # time and a snapshot name can show another version on the next request.
+                "Cache-Control": "private, max-age=3600" if view.fixed else "private, no-cache",
+                "X-Vaultsync-LSN": str(view.lsn),
+            }
+            verdict = conditional.evaluate(request.headers, tag, mtime_s)
+            if verdict == 304:
+                # RFC 9110 §15.4.5: the validators and caching fields, no content.
+                await backend.views.release(view)
+                return Response(status_code=304, headers=validators)
+            if verdict == 412:
+                raise ApiError(
+                    412,
+                    "precondition_failed",
+                    f"{clean} as of LSN {view.lsn} does not match If-Match / "
+                    "If-Unmodified-Since (the file is another version)",
+                    validators,
+                )
+            headers = {
+                **validators,
                 "Accept-Ranges": "bytes",
                 "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}",
                 "X-Content-Type-Options": "nosniff",
-                "X-Vaultsync-LSN": str(view.lsn),
-                "Cache-Control": "private, no-cache" if view.live else "private, max-age=3600",
             }
-            inm = request.headers.get("if-none-match")
-            if inm is not None and tag in [t.strip() for t in inm.split(",")]:
-                await backend.views.release(view)
-                return Response(status_code=304, headers=headers)
             size = node.size
             rng = request.headers.get("range")
-            if_range = request.headers.get("if-range")
-            if if_range is not None and if_range.strip() != tag:
+            if not conditional.range_applies(request.headers, tag, mtime_s, int(time.time())):
                 rng = None  # the client's copy is another version: send it whole
             span = parse_range(rng, size)
             start, end = span if span is not None else (0, size)
@@ -210,17 +239,33 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
             return Response(status_code=status, headers=headers)
 
         async def body() -> AsyncIterator[bytes]:
+            fs, ino = view.fs, node.ino
+
+            def read_at(pos: int) -> asyncio.Future[bytes] | None:
+                if pos >= end:
+                    return None
+                return asyncio.ensure_future(fs.read(ino, pos, min(READ_SIZE, end - pos)))
+
+            # One read ahead of the one being sent: the next piece is fetched and
+            # decoded (in worker threads) while the client drains this one.
+            nxt = read_at(start)
             try:
                 pos = start
-                while pos < end:
-                    data = await view.fs.read(node.ino, pos, min(READ_SIZE, end - pos))
+                while nxt is not None:
+                    data = await nxt
                     if not data:
                         # The live file shrank under us: end the stream short, visibly.
+                        nxt = None
                         raise ApiError(500, "file_changed", f"{clean} changed while being sent")
                     pos += len(data)
+                    nxt = read_at(pos)
                     metrics.bytes_sent += len(data)
                     yield data
             finally:
+                if nxt is not None:
+                    nxt.cancel()
+                    with contextlib.suppress(BaseException):
+                        await nxt
                 await backend.views.release(view)
 
         return StreamingResponse(

@@ -10,19 +10,24 @@ compared byte for byte with what each round wrote.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from vaultsync.api.server import _bind
 
 from tests.api_helpers import (
     ADMIN_TOKEN,
     READ_TOKEN,
     ApiServer,
     Volume,
+    _fsync,
     api_toml,
     auth,
     wait_healthy,
@@ -121,6 +126,33 @@ def test_listing_paged_as_of_each_round(url: str, env: dict[str, Any]) -> None:
     assert r.status_code == 400 and "max_page" in r.json()["message"]
 
 
+def test_small_responses_are_not_held_back(url: str) -> None:
+    """A keep-alive client gets each small response at once, not after a delayed ACK.
+
+    With Nagle's algorithm on the server's sockets, a response written in two
+    pieces (headers, body) waits for the client's delayed ACK, ~40 ms on Linux:
+    one client could list ~21 directories a second. The median here is a few
+    milliseconds; 25 ms leaves room for a busy machine and still fails at 40.
+    """
+    times = []
+    with httpx.Client(base_url=url, headers=H, timeout=60) as c:
+        c.get("/v1/tree/many", params={"limit": 10}).raise_for_status()
+        for i in range(30):
+            t0 = time.perf_counter()
+            c.get("/v1/tree/many", params={"limit": 10, "cursor": i % 20}).raise_for_status()
+            times.append(time.perf_counter() - t0)
+    assert sorted(times)[len(times) // 2] < 0.025, sorted(times)
+    sock = _bind("127.0.0.1", 0)
+    try:  # accepted connections inherit TCP_NODELAY, and asyncio sets it (proto is TCP)
+        assert sock.proto == socket.IPPROTO_TCP
+        with socket.create_connection(sock.getsockname()[:2]):
+            conn, _ = sock.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()
+
+
 def test_meta_and_downloads_byte_for_byte(url: str, env: dict[str, Any]) -> None:
     vol: Volume = env["vol"]
     for rnd in vol.rounds:
@@ -171,6 +203,94 @@ def test_meta_and_downloads_byte_for_byte(url: str, env: dict[str, Any]) -> None
     assert h.status_code == 200 and h.headers["content-length"] == "1400"
 
 
+def test_conditional_requests_rfc9110(url: str, env: dict[str, Any]) -> None:
+    """Downloads answer conditional requests as RFC 9110 §13 says.
+
+    304 (no content) when If-None-Match matches (weak comparison, `*`, lists)
+    or, without If-None-Match, when If-Modified-Since is not older than
+    Last-Modified (any of the three HTTP-date forms; an invalid date is
+    ignored); 412 when If-Match fails (strong comparison) or the file changed
+    after If-Unmodified-Since; If-Range lets a Range through only for the same
+    strong ETag or the exact Last-Modified date. HEAD says what GET would send.
+    """
+    vol: Volume = env["vol"]
+    data = vol.rounds[0].files["/docs/a.txt"]
+    path = url + "/v1/content/docs/a.txt"
+    # A fixed LSN (a time may still be settling when the test runs).
+    at0 = str(_get(url, "/v1/meta/docs/a.txt", at=vol.rounds[0].at).json()["point"]["lsn"])
+
+    def get(method: str = "GET", **headers: str) -> httpx.Response:
+        hdrs = {**H, **{k.replace("_", "-"): v for k, v in headers.items()}}
+        return httpx.request(method, path, params={"at": at0}, headers=hdrs, timeout=60)
+
+    full = get()
+    assert full.status_code == 200 and full.content == data
+    tag, lm = full.headers["etag"], full.headers["last-modified"]
+    assert tag.startswith('"') and tag.endswith('"')
+    assert full.headers["cache-control"] == "private, max-age=3600"  # a past LSN: fixed
+    lm_s = int(parsedate_to_datetime(lm).timestamp())
+
+    def date(s: int, form: str = "imf") -> str:
+        d = datetime.fromtimestamp(s, UTC)
+        if form == "rfc850":
+            return d.strftime("%A, %d-%b-%y %H:%M:%S GMT")
+        if form == "asctime":
+            return d.strftime("%a %b ") + f"{d.day:>2}" + d.strftime(" %H:%M:%S %Y")
+        return format_datetime(d, usegmt=True)
+
+    def not_modified(r: httpx.Response) -> None:
+        assert r.status_code == 304, (r.status_code, r.request.headers)
+        assert r.content == b""
+        assert r.headers["etag"] == tag and r.headers["last-modified"] == lm
+        assert r.headers.get("content-length", str(len(data))) == str(len(data))
+
+    # If-None-Match: weak comparison, any member of a list, or "*".
+    for inm in (tag, "W/" + tag, f'"nope", {tag}', "*"):
+        not_modified(get(if_none_match=inm))
+    assert get(if_none_match='"nope", W/"other"').status_code == 200
+    not_modified(get(if_none_match=tag, range="bytes=0-9"))  # 304 before Range
+    # If-Modified-Since, only without If-None-Match.
+    for form in ("imf", "rfc850", "asctime"):
+        not_modified(get(if_modified_since=date(lm_s, form)))
+    not_modified(get(if_modified_since=date(lm_s + 3600)))
+    r = get(if_modified_since=date(lm_s - 1))
+    assert r.status_code == 200 and r.content == data
+    assert get(if_modified_since="not a date").status_code == 200
+    r = get(if_none_match='"nope"', if_modified_since=date(lm_s + 3600))
+    assert r.status_code == 200 and r.content == data  # If-None-Match wins
+    # If-Match: strong comparison; If-Unmodified-Since only without If-Match.
+    for im in (tag, f'"nope", {tag}', "*"):
+        assert get(if_match=im).status_code == 200
+    for im in ('"nope"', "W/" + tag):
+        r = get(if_match=im)
+        assert r.status_code == 412 and r.json()["error"] == "precondition_failed"
+        assert "traceback" not in r.text.lower()
+    r = get(if_unmodified_since=date(lm_s - 86400))
+    assert r.status_code == 412 and "If-Unmodified-Since" in r.json()["message"]
+    assert get(if_unmodified_since=date(lm_s)).status_code == 200
+    assert get(if_match=tag, if_unmodified_since=date(lm_s - 86400)).status_code == 200
+    # If-Range: the range for the same version, the whole file otherwise.
+    for ok in (tag, lm):
+        r = get(range="bytes=3-9", if_range=ok)
+        assert r.status_code == 206 and r.content == data[3:10], ok
+        assert r.headers["content-range"] == f"bytes 3-9/{len(data)}"
+    for stale in ("W/" + tag, '"nope"', date(lm_s - 1)):
+        r = get(range="bytes=3-9", if_range=stale)
+        assert r.status_code == 200 and r.content == data, stale
+    # HEAD: the headers GET would send, no content.
+    h = get("HEAD")
+    assert h.status_code == 200 and h.content == b""
+    assert h.headers["content-length"] == str(len(data)) and h.headers["etag"] == tag
+    h = get("HEAD", range="bytes=-100")
+    assert h.status_code == 206 and h.headers["content-length"] == "100"
+    assert h.headers["content-range"] == f"bytes {len(data) - 100}-{len(data) - 1}/{len(data)}"
+    assert get("HEAD", if_none_match=tag).status_code == 304
+    assert get("HEAD", if_match='"nope"').status_code == 412
+    # "latest" can change: caches must ask again every time.
+    r = _get(url, "/v1/content/docs/a.txt")
+    assert r.status_code == 200 and r.headers["cache-control"] == "private, no-cache"
+
+
 def test_unknown_points_and_paths_are_clear(url: str) -> None:
     r = _get(url, "/v1/tree/", at="1999-01-01T00:00:00Z")
     assert r.status_code == 404 and "before the first point" in r.json()["message"]
@@ -216,6 +336,85 @@ def test_live_head_and_snapshots_only_at_the_writer(env: dict[str, Any]) -> None
     r = httpx.delete(live + f"/v1/snapshots/{name}", headers=H)
     assert r.status_code == 200 and set(r.json()["deleted_at"]) == {"sw", "rc"}
     assert name not in {s["name"] for s in _get(live, "/v1/snapshots").json()}
+
+
+def _listing(url: str, path: str, **params: Any) -> tuple[set[str], int] | None:
+    """Names in a directory and the LSN listed, or None while the point or path is missing."""
+    r = _get(url, "/v1/tree" + path, **params)
+    if r.status_code == 404:
+        return None
+    assert r.status_code == 200, r.text
+    return {e["name"] for e in r.json()["entries"]}, int(r.json()["point"]["lsn"])
+
+
+def _names(url: str, path: str, **params: Any) -> set[str] | None:
+    got = _listing(url, path, **params)
+    return None if got is None else got[0]
+
+
+def _rebuilds(url: str) -> int:
+    for line in _get(url, "/metrics").text.splitlines():
+        if line.startswith("vaultsync_api_point_view_rebuilds_total"):
+            return int(float(line.split()[-1]))
+    raise AssertionError("no rebuild counter in /metrics")
+
+
+def _until(check: Any, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+def test_listing_cache_follows_the_volume(env: dict[str, Any]) -> None:
+    """Cached listings: 'latest' follows writes, a fixed LSN or snapshot never drifts.
+
+    The live server's 'latest' is the mount itself, so a write shows at once.
+    The standalone server caches its 'latest' view and revalidates it against
+    the target's head: new segments show within a few seconds, and an
+    unchanged target costs no rebuild. A fixed LSN is served from the cache
+    as it was; a snapshot deleted and made again under the same name at this
+    server shows its new point at once.
+    """
+    live, standalone = env["live"], env["standalone"]
+    mnt = env["vol"].mount.mountpoint
+    d = mnt / "cache-check"
+    d.mkdir()
+    (d / "a").write_bytes(b"a")
+    assert _names(live, "/cache-check") == {"a"}  # not even flushed: the live head has it
+    (d / "b").write_bytes(b"b")
+    assert _names(live, "/cache-check") == {"a", "b"}
+    _fsync(d / "b")
+    name = f"cache-{os.getpid()}"
+    r = httpx.post(live + "/v1/snapshots", json={"name": name}, headers=H)
+    assert r.status_code == 201, r.text
+    lsn_ab = r.json()["lsn"]
+    # The standalone server reads the async rclone target: wait for it to catch up.
+    assert _until(lambda: _names(standalone, "/cache-check") == {"a", "b"}, 30)
+    (d / "c").write_bytes(b"c")
+    _fsync(d / "c")
+    # At most FRESH_SECONDS (5) plus shipping later, the standalone 'latest' has c.
+    assert _until(lambda: _names(standalone, "/cache-check") == {"a", "b", "c"}, 30)
+    for url in (live, standalone):
+        for _ in range(2):  # built, then cached: the same either way
+            assert _listing(url, "/cache-check", at=str(lsn_ab)) == ({"a", "b"}, lsn_ab)
+        assert _until(lambda u=url: _names(u, "/cache-check", at=name) == {"a", "b"})
+    # The same snapshot name, made again later: this server forgets its old view.
+    assert httpx.delete(live + f"/v1/snapshots/{name}", headers=H).status_code == 200
+    r = httpx.post(live + "/v1/snapshots", json={"name": name}, headers=H)
+    assert r.status_code == 201, r.text
+    got = _until(lambda: _listing(live, "/cache-check", at=name))
+    assert got == ({"a", "b", "c"}, r.json()["lsn"]) and r.json()["lsn"] > lsn_ab
+    assert httpx.delete(live + f"/v1/snapshots/{name}", headers=H).status_code == 200
+    # Nothing new at the target: the cached 'latest' outlives FRESH_SECONDS without a rebuild.
+    time.sleep(1.5)  # the last segment sealed by age, its tail pieces cleaned up
+    _names(standalone, "/cache-check")
+    before = _rebuilds(standalone)
+    time.sleep(5.5)
+    assert _names(standalone, "/cache-check") == {"a", "b", "c"}
+    assert _rebuilds(standalone) == before
 
 
 def _wait_job(url: str, job_id: str, timeout: float = 60) -> dict[str, Any]:

@@ -8,6 +8,7 @@ sees exactly what an attacker would send.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -178,6 +179,152 @@ def test_request_bounds(srv: dict[str, Any]) -> None:
     r = httpx.get(url + "/v1/nothing", headers=h)
     assert r.status_code == 404 and "/openapi.json" in r.json()["message"]
     assert "Traceback" not in srv["log"].read_text()  # no request so far was a server error
+
+
+def _raw(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Bytes sent as they are (even what no client library would send); the parsed answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def _json_error(status: int, content_type: str, body: bytes, want: int, code: str) -> str:
+    assert status == want, (status, body[:300])
+    assert content_type.startswith("application/json"), content_type
+    doc = json.loads(body)
+    assert set(doc) == {"error", "message"} and doc["error"] == code, doc
+    assert len(doc["message"]) > 20, doc  # a sentence, not a bare status
+    for leak in ("Traceback", 'File "', "/site-packages/", "vaultsync/"):
+        assert leak not in doc["message"], doc
+    return str(doc["message"])
+
+
+DEEP = b"[" * 30000 + b"]" * 30000  # valid JSON nested deeper than json.loads goes
+JSON_TYPE = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kw", "status", "code", "needle"),
+    [
+        ("GET", "/nope", {}, 404, "not_found", "/openapi.json"),
+        ("GET", "/v1/nothing/here", {}, 404, "not_found", "under /v1"),
+        ("GET", "/ui/missing.html", {}, 404, "not_found", "no such endpoint"),
+        ("POST", "/v1/health", {}, 405, "method_not_allowed", "POST is not allowed"),
+        ("DELETE", "/v1/tree/docs", {}, 405, "method_not_allowed", "DELETE is not allowed"),
+        ("PATCH", "/v1/restores", {}, 405, "method_not_allowed", "PATCH is not allowed"),
+        ("GET", "/v1/tree/?limit=abc", {}, 422, "invalid_request", "query limit"),
+        ("GET", "/v1/tree/?cursor=-1", {}, 422, "invalid_request", "query cursor"),
+        ("GET", "/metrics?probe=maybe", {}, 422, "invalid_request", "query probe"),
+        ("GET", "/v1/restores/" + "x" * 65, {}, 422, "invalid_request", "path job_id"),
+        ("POST", "/v1/snapshots", {}, 422, "invalid_request", "body"),
+        ("POST", "/v1/snapshots", {"json": [1]}, 422, "invalid_request", "body"),
+        ("POST", "/v1/snapshots", {"json": {"name": "a", "x": 1}}, 422, "invalid_request", "x"),
+        (
+            "POST",
+            "/v1/restores",
+            {"json": {"path": "/d", "destination": "d", "at": 5}},
+            422,
+            "invalid_request",
+            "body at",
+        ),
+        (
+            "POST",
+            "/v1/snapshots",
+            {"content": DEEP, "headers": {"content-type": "application/json"}},
+            400,
+            "bad_request",
+            "JSON",
+        ),
+        ("POST", "/v1/restores", {"content": b"x" * 70_000}, 413, "too_large", "larger than"),
+        ("GET", "/v1/tree/?at=lsn:abc", {}, 400, "bad_point", "not a point"),
+        ("GET", "/v1/tree/?at=0", {}, 400, "bad_point", "not a point"),
+        ("GET", "/v1/tree/?at=no-such-snapshot", {}, 404, "unknown_point", "no snapshot named"),
+        ("GET", "/v1/restores/unknown", {}, 404, "no_such_job", "no restore job"),
+        (
+            "GET",
+            "/v1/content/big.bin",
+            {"headers": {"range": "bytes=99999999-"}},
+            416,
+            "range_not_satisfiable",
+            "outside the file",
+        ),
+        (
+            "GET",
+            "/v1/content/big.bin",
+            {"headers": {"if-match": '"other"'}},
+            412,
+            "precondition_failed",
+            "If-Match",
+        ),
+    ],
+)
+def test_every_error_is_json(
+    srv: dict[str, Any],
+    method: str,
+    path: str,
+    kw: dict[str, Any],
+    status: int,
+    code: str,
+    needle: str,
+) -> None:
+    """Whatever goes wrong, the answer is `{"error", "message"}` JSON without internals."""
+    kw = dict(kw)
+    headers = {**auth(ADMIN_TOKEN), **kw.pop("headers", {})}
+    r = httpx.request(method, srv["url"] + path, headers=headers, timeout=60, **kw)
+    msg = _json_error(r.status_code, r.headers.get("content-type", ""), r.content, status, code)
+    assert needle in msg, msg
+    if status == 405:
+        assert r.headers["allow"]  # RFC 9110 §15.5.6
+
+
+def test_errors_before_the_app_are_json_too(srv: dict[str, Any]) -> None:
+    """Requests uvicorn cannot parse never reach the app; they still get the JSON shape."""
+    port = srv["port"]
+    tok = ADMIN_TOKEN.encode()
+    for data in (
+        b"GARBAGE\r\n\r\n",
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /v1/tree/\xff HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + tok + b"\r\n\r\n",
+        b"POST /v1/snapshots HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + tok + b"\r\n"
+        b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nzz\r\n",
+    ):
+        status, headers, body = _raw(port, data)
+        msg = _json_error(status, headers.get("content-type", ""), body, 400, "bad_request")
+        assert "not valid HTTP/1.1" in msg
+        assert headers["content-length"] == str(len(body))
+
+
+def test_head_wherever_get(srv: dict[str, Any]) -> None:
+    """HEAD is answered on every GET endpoint with GET's headers and no body (RFC 9110 §9.3.2)."""
+    h = auth(ADMIN_TOKEN)
+    for path in ("/v1/health", "/v1/tree/docs", "/v1/meta/docs/a.txt", "/v1/snapshots", "/ui/"):
+        got, head = (
+            httpx.get(srv["url"] + path, headers=h),
+            httpx.head(srv["url"] + path, headers=h),
+        )
+        assert got.status_code == head.status_code == 200, path
+        assert head.content == b""
+        assert head.headers["content-length"] == str(len(got.content)), path
+        assert head.headers["content-type"] == got.headers["content-type"]
+    r = httpx.head(srv["url"] + "/v1/restores/unknown", headers=h)
+    assert r.status_code == 404 and r.content == b""
+    r = httpx.head(srv["url"] + "/v1/restores", headers=h)
+    assert r.status_code == 200
+    r = httpx.head(srv["url"] + "/v1/snapshots/x", headers=h)
+    assert r.status_code == 405 and "DELETE" in r.headers["allow"]
+    r = httpx.head(srv["url"] + "/v1/status")  # no token: still a 401, not a 405
+    assert r.status_code == 401
+    text = httpx.get(srv["url"] + "/metrics", headers=h).text
+    assert (
+        'vaultsync_api_requests_total{method="HEAD",route="/v1/tree/{path:path}",status="200"}'
+        in text
+    )
 
 
 def test_serve_refuses_unsafe_configs(srv: dict[str, Any], tmp_path: Path) -> None:
