@@ -67,7 +67,10 @@ MIB = 1 << 20
 BLOCK = MIB
 SMALL = 4096
 LAT_FILE_SIZE = 16 * MIB
-# Longer than fuse/operations.py's ATTR_TIMEOUT/ENTRY_TIMEOUT (1 s): stats reach the daemon.
+# A pause between the create and stat workloads, as on the local side. The mount's
+# attribute timeout is long (fuse/operations.py), but each file's cached attributes
+# were invalidated by its last write (writeback cache), so its stat is a GETATTR
+# that reaches the daemon: the measured rate is the daemon's, not the kernel's.
 STAT_PAUSE = 1.5
 WORDS = (
     b"replica segment journal bucket provider chunk catalog volume fsync lease epoch "
