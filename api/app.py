@@ -49,6 +49,12 @@ class RestoreIn(BaseModel):
         description="Under one of api.restore_roots (relative: under the first one).",
     )
     force: bool = Field(default=False, description="Overwrite files that differ.")
+    bwlimit: int | None = Field(
+        default=None,
+        ge=1024,
+        description="At most this many bytes per second, so a restore leaves the server's "
+        "disk and network to its applications; none: no cap.",
+    )
 
 
 class CountRequests:
@@ -160,7 +166,7 @@ def create_app(backend: Backend, auth: Auth) -> FastAPI:
     async def restore_start(body: Annotated[RestoreIn, Body()]) -> dict[str, Any]:
         path = volume_path(body.path)
         dest = restore_destination(body.destination, list(backend.cfg.api.restore_roots))
-        return backend.jobs.start(path, body.at, dest, body.force).public()
+        return backend.jobs.start(path, body.at, dest, body.force, body.bwlimit).public()
 
     @app.get("/v1/restores", dependencies=[read], summary="Restore jobs, newest last")
     async def restore_list() -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ class Job:
     at: str
     destination: str
     force: bool
+    bwlimit: int | None = None
     state: State = "running"
     bytes_done: int = 0
     bytes_total: int | None = None
@@ -80,7 +81,7 @@ class Jobs:
             out[j.state] += 1
         return out
 
-    def start(self, path: str, at: str, dest: Path, force: bool) -> Job:
+    def start(self, path: str, at: str, dest: Path, force: bool, bwlimit: int | None = None) -> Job:
         if self.running() >= self.max_running:
             raise ApiError(
                 429,
@@ -88,7 +89,8 @@ class Jobs:
                 f"{self.max_running} restore jobs are already running; wait for one to "
                 "finish or cancel one",
             )
-        job = Job(f"r{next(self._ids)}-{time.time_ns() % 10**6:06d}", path, at, str(dest), force)
+        job_id = f"r{next(self._ids)}-{time.time_ns() % 10**6:06d}"
+        job = Job(job_id, path, at, str(dest), force, bwlimit)
         job.task = asyncio.create_task(self._run(job, dest), name=f"restore-{job.id}")
         self._jobs[job.id] = job
         finished = [k for k, j in self._jobs.items() if j.state != "running"]
@@ -112,6 +114,7 @@ class Jobs:
                 dest,
                 self.passphrase,
                 force=job.force,
+                bwlimit=job.bwlimit,
                 progress=progress,
                 total=total,
             )

@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
@@ -42,6 +41,7 @@ from vaultsync.config import Config, TargetConfig
 from vaultsync.errors import FormatError, VolumeError
 from vaultsync.header import HEADER_KEY, VolumeHeader
 from vaultsync.objectstore import ObjectInfo, ObjectMissingError, ObjectStore, StoreError, md5_hex
+from vaultsync.ratelimit import RateLimiter
 from vaultsync.targets import _foreign, read_remote_header
 
 log = logging.getLogger("vaultsync.migrate")
@@ -91,26 +91,6 @@ class Progress:
 
     def note(self, text: str) -> None:
         """A short phase description."""
-
-
-class RateLimiter:
-    """A bandwidth cap over the bytes read from the sources (what crosses the wire twice)."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.rate = rate if rate and rate > 0 else None
-        self._next = 0.0
-        self._lock = asyncio.Lock()
-
-    async def take(self, nbytes: int) -> None:
-        if self.rate is None:
-            return
-        async with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + nbytes / self.rate
-            wait = start - now
-        if wait > 0:
-            await asyncio.sleep(wait)
 
 
 class ResumeJournal:
@@ -507,16 +487,3 @@ async def migrate(
             journal.close()
     report.seconds = round(time.monotonic() - t0, 3)
     return report
-
-
-def rate(text: str | None) -> float | None:
-    """`--bwlimit` value in bytes/second: 10M, 512K, 1.5MiB, 1048576 (per second)."""
-    if text is None or text.strip() in ("", "0"):
-        return None
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?(/s)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise MigrateError(
-            f"--bwlimit {text!r} is not a rate; write it like 10M, 512K or 1048576 (bytes/s)"
-        )
-    mult = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[m.group(2).upper()]
-    return float(m.group(1)) * mult

@@ -454,7 +454,13 @@ def test_restore_job_cancelled_midway(url: str, env: dict[str, Any]) -> None:
     dest = f"cancel-{url.rsplit(':', 1)[1]}"
     r = httpx.post(
         url + "/v1/restores",
-        json={"path": "/big.bin", "at": vol.rounds[0].at, "destination": dest + "/big.bin"},
+        # Capped at 2 MiB/s, the 24 MiB copy takes seconds: cancelled midway by any clock.
+        json={
+            "path": "/big.bin",
+            "at": vol.rounds[0].at,
+            "destination": dest + "/big.bin",
+            "bwlimit": 2 << 20,
+        },
         headers=H,
     )
     assert r.status_code == 202, r.text

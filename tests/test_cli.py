@@ -185,6 +185,13 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert_one_line_error(res, "does not exist")
 
 
+def test_messages_print_names_and_paths_as_they_are(tmp_path: Path) -> None:
+    """Brackets in a path are not console markup: `[old]` must reach the user whole."""
+    missing = tmp_path / "[old]" / "[api] vs.toml"
+    res = run(["status", str(missing)])
+    assert_one_line_error(res, str(missing), "does not exist")
+
+
 def test_encrypted_volume_needs_the_right_passphrase(
     tmp_path: Path, seaweedfs: LocalProvider
 ) -> None:

@@ -33,7 +33,13 @@ from tests.faultproxy import FaultProxy
 from tests.mounting import Mount
 from vaultsync.chunks import Codec
 from vaultsync.header import VolumeHeader, new_header
-from vaultsync.layout import parse_segment_key, parse_tail_key, segment_key, tail_key
+from vaultsync.layout import (
+    parse_checkpoint_key,
+    parse_segment_key,
+    parse_tail_key,
+    segment_key,
+    tail_key,
+)
 from vaultsync.providers import LocalProvider
 from vaultsync.segment import (
     Record,
@@ -211,13 +217,17 @@ class BucketReader:
         assert header.volume_id == self.volume_id, "bucket header names another volume"
         segs: dict[int, str] = {}
         tails: dict[int, list[tuple[int, int, str]]] = {}
+        checkpoints: list[int] = []
         for k in keys:
             n = parse_segment_key(k)
             t = parse_tail_key(k)
+            c = parse_checkpoint_key(k)
             if n is not None:
                 segs[n] = k
             elif t is not None:
                 tails.setdefault(t[0], []).append((t[1], t[2], k))
+            elif c is not None:
+                checkpoints.append(c[0])
             else:
                 assert k == "volume.json" or k.startswith(".probe/"), f"unexpected key {k!r}"
         n_sealed = len(segs)
@@ -244,6 +254,7 @@ class BucketReader:
             buffers.append((n_sealed + 1, b"".join(parts), False))
             hist.tail_bytes = end
         pending: dict[bytes, Any] = {}
+        sealed_lsn = 0
         for segno, buf, sealed in buffers:
             where = f"{self.bucket}: segment {segno}{'' if sealed else ' (tail)'}"
             scan = scan_segment(buf, where)
@@ -280,6 +291,12 @@ class BucketReader:
                 else:
                     assert rec.lsn == hist.last_lsn, f"{where}: seal says {rec.lsn}"
             assert not pending, f"{where}: chunks without their transaction"
+            if sealed:
+                sealed_lsn = hist.last_lsn
+        # A checkpoint describes the catalog at its LSN: visible only once every
+        # transaction up to it is here in whole segments (format.md §2.5).
+        for lsn in checkpoints:
+            assert lsn <= sealed_lsn, f"checkpoint of LSN {lsn} ahead of segments to {sealed_lsn}"
         if hist.txns:
             assert hist.txns[0][0] == 1, "history does not start at LSN 1"
         return hist

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from vaultsync import __version__
 from vaultsync.config import Config, load_config
@@ -28,8 +29,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# No markup: names, paths and messages are printed as they are (a path like /x/[old] or
+# a key like [api].listen stays whole), and never broken across lines.
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 ConfigArg = Annotated[Path, typer.Argument(help="The volume's TOML config file.")]
 
@@ -47,7 +50,11 @@ def init(config: ConfigArg) -> None:
     report = asyncio.run(init_volume(cfg, _passphrase(cfg)))
     h = report.header
     verb = "created" if report.created_locally else "already exists"
-    out.print(f"volume [bold]{h.name}[/] ({h.volume_id_hex}) {verb} in {cfg.volume.state_dir}")
+    out.print(
+        Text.assemble(
+            "volume ", (h.name, "bold"), f" ({h.volume_id_hex}) {verb} in {cfg.volume.state_dir}"
+        )
+    )
     for name, state in report.targets.items():
         out.print(f"  target {name}: header {state}")
 
@@ -72,23 +79,27 @@ def status(
 def print_status(st: dict[str, Any]) -> None:
     v = st["volume"]
     if not v.get("initialized"):
-        out.print(f"volume [bold]{v['name']}[/]: not initialized in {v['state_dir']}")
+        out.print(
+            Text.assemble("volume ", (v["name"], "bold"), f": not initialized in {v['state_dir']}")
+        )
     else:
         enc = "encrypted" if v["encrypted"] else "not encrypted"
         out.print(
-            f"volume [bold]{v['name']}[/] {v['volume_id']}  format v{v['format_version']}, {enc}\n"
+            Text.assemble("volume ", (v["name"], "bold")),
+            f"{v['volume_id']}  format v{v['format_version']}, {enc}\n"
             f"  state {v['state_dir']}  last LSN {v['last_lsn']}  "
             f"{v['inodes']} inodes  {v['chunks']} chunks  "
-            f"{v['sealed_segments']} sealed segments  journal {v['journal_bytes']} bytes"
+            f"{v['sealed_segments']} sealed segments  journal {v['journal_bytes']} bytes",
         )
     if v.get("initialized"):
         out.print("  mounted: " + ("yes (live numbers)" if v.get("mounted") else "no"))
     if v.get("fenced"):
         f = v["fenced"]
         out.print(
-            f"  [bold red]FENCED[/]: target {f['target']} holds writer lease epoch "
+            Text.assemble("  ", ("FENCED", "bold red")),
+            f"target {f['target']} holds writer lease epoch "
             f"{f['lease_epoch']}, this site has epoch {v['epoch']}: another site writes this "
-            "volume. Do not mount here; list unshipped changes with `vaultsync salvage`."
+            "volume. Do not mount here; list unshipped changes with `vaultsync salvage`.",
         )
     table = Table("target", "mode", "health", "watermark", "lag LSNs", "lag", "last error", "where")
     for t in st["targets"]:
@@ -340,10 +351,15 @@ def restore(
     ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite files that differ at DEST.")] = False,
     parallel: Annotated[int, typer.Option(min=1, max=64, help="Files copied at once.")] = 8,
+    bwlimit: Annotated[
+        str | None,
+        typer.Option(help="At most this many bytes per second, e.g. 50M (default: no cap)."),
+    ] = None,
 ) -> None:
     """Copy PATH as it was at a point out of a target into DEST (resumable)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+    from vaultsync.ratelimit import parse_rate
     from vaultsync.restore import restore as run_restore
 
     cfg = load_config(config)
@@ -366,6 +382,7 @@ def restore(
                 _passphrase(cfg),
                 force=force,
                 parallel=parallel,
+                bwlimit=parse_rate(bwlimit),
                 progress=lambda n: bar.advance(task, n),
                 total=lambda n: bar.update(task, total=n),
             )
@@ -597,7 +614,7 @@ def main() -> None:
     try:
         app()
     except VaultsyncError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error:", "bold red"), f" {e}"), highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from vaultsync.cli import err, out  # cli.py imports this module after defining them
 from vaultsync.config import Config, load_config
-
-out = Console()
-err = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="The volume's TOML config file.")]
 targets_app = typer.Typer(help="The volume's replica set: add, remove, list targets.")
@@ -58,11 +56,12 @@ def migrate(
     )
     from rich.progress import Progress as Bar
 
-    from vaultsync.replication.migrate import Progress, rate
+    from vaultsync.ratelimit import parse_rate
+    from vaultsync.replication.migrate import Progress
     from vaultsync.replication.migrate import migrate as run_migrate
 
     cfg = load_config(config)
-    limit = rate(bwlimit)
+    limit = parse_rate(bwlimit)
 
     with Bar(
         TextColumn("[progress.description]{task.description}"),
@@ -141,7 +140,9 @@ def _print_report(r: Any, adopted: str) -> None:
     for key, where in r.repaired_from.items():
         out.print(f"  {key}: damaged at {r.source}, good copy taken from {where}")
     for f in r.failed:
-        err.print(f"[bold red]failed:[/] {f['key']}: {f['reason']}", highlight=False)
+        err.print(
+            Text.assemble(("failed:", "bold red"), f" {f['key']}: {f['reason']}"), highlight=False
+        )
     if r.deferred:
         err.print(
             f"{len(r.deferred)} object(s) held back so that {r.dest} stays a consistent "

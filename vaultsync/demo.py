@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from rich.console import Console
+from rich.text import Text
 
 from vaultsync.config import load_config
 from vaultsync.errors import VaultsyncError
@@ -123,7 +124,7 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
     try:
         for name, start in (("seaweedfs", start_seaweedfs), ("rclone", start_rclone)):
             ak, sk = _keys(directory / "credentials" / f"{name}.cred")
-            console.print(f"starting local provider [bold]{name}[/] …")
+            console.print(Text.assemble("starting local provider ", (name, "bold"), " …"))
             p = start(directory / "providers" / name, access_key=ak, secret_key=sk)
             providers[name] = p
             p.create_bucket(BUCKET)
@@ -133,8 +134,9 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
         report = asyncio.run(init_volume(cfg, None))
         verb = "created" if report.created_locally else "reopened"
         console.print(
-            f"volume [bold]{report.header.name}[/] {report.header.volume_id_hex} {verb}; "
-            + ", ".join(f"{k}: header {v}" for k, v in report.targets.items())
+            Text.assemble("volume ", (report.header.name, "bold")),
+            f"{report.header.volume_id_hex} {verb}; "
+            + ", ".join(f"{k}: header {v}" for k, v in report.targets.items()),
         )
         from vaultsync.cli import print_status
 
@@ -143,7 +145,9 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
         clean_stale_mount(mountpoint)
         pid = start_daemon(config_path, mountpoint, directory / "mount.log")
         mounted = True
-        console.print(f"volume mounted at [bold]{mountpoint}[/] (daemon pid {pid})")
+        console.print(
+            Text.assemble("volume mounted at ", (str(mountpoint), "bold"), f" (daemon pid {pid})")
+        )
         hello = mountpoint / "README.txt"
         if not hello.exists():
             hello.write_text("Files written here are journaled and shipped to both providers.\n")
@@ -158,7 +162,7 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
             while not stop.wait(1.0):
                 for name, p in providers.items():
                     if not p.alive():
-                        console.print(f"[red]provider {name} exited; see {p.log_file}[/]")
+                        console.print(f"provider {name} exited; see {p.log_file}", style="red")
                         stop.set()
         finally:
             signal.signal(signal.SIGINT, old[0])
@@ -169,7 +173,7 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
             try:
                 unmount(mountpoint)
             except VaultsyncError as e:
-                console.print(f"[red]{e}[/]")
+                console.print(str(e), style="red")
         for name, p in providers.items():
             console.print(f"stopping {name} (pid {p.pid})")
             with contextlib.suppress(Exception):

@@ -26,6 +26,7 @@ from vaultsync.config import Config
 from vaultsync.errors import VaultsyncError
 from vaultsync.filesystem import FileSystem, FsError
 from vaultsync.objectstore import ObjectStore
+from vaultsync.ratelimit import RateLimiter
 from vaultsync.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
 from vaultsync.volume import ROOT_INO
 
@@ -77,11 +78,17 @@ def _set_meta(path: Path, node: Inode, xattrs: dict[bytes, bytes], symlink: bool
 
 class _Restorer:
     def __init__(
-        self, fs: FileSystem, force: bool, parallel: int, progress: Callable[[int], None] | None
+        self,
+        fs: FileSystem,
+        force: bool,
+        parallel: int,
+        progress: Callable[[int], None] | None,
+        limiter: RateLimiter,
     ) -> None:
         self.fs = fs
         self.force = force
         self.sem = asyncio.Semaphore(parallel)
+        self.limiter = limiter
         self.progress = progress
         self.report = RestoreReport()
         # ino -> (first path restored, set once it is in place): hard links link to it
@@ -149,6 +156,7 @@ class _Restorer:
                 with os.fdopen(fd, "wb") as out:
                     # The write runs in a thread while the next batch is fetched.
                     async for data in self.fs.stream(node.ino):
+                        await self.limiter.take(len(data))
                         await asyncio.to_thread(out.write, data)
                         self.report.bytes += len(data)
                         if self.progress is not None:
@@ -213,9 +221,11 @@ async def restore(
     *,
     force: bool = False,
     parallel: int = 8,
+    bwlimit: float | None = None,
     progress: Callable[[int], None] | None = None,
     total: Callable[[int], None] | None = None,
 ) -> RestoreReport:
+    """`bwlimit` caps the bytes written per second, all files together (None: no cap)."""
     point = parse_point(at)
     with tempfile.TemporaryDirectory(prefix="vaultsync-restore-") as tmp:
         async with ObjectStore(cfg.target(target)) as store:
@@ -227,7 +237,7 @@ async def restore(
                 node = _resolve(fs, path)
                 if total is not None:
                     total(_tree_bytes(fs, node))
-                r = _Restorer(fs, force, parallel, progress)
+                r = _Restorer(fs, force, parallel, progress, RateLimiter(bwlimit))
                 r.report.lsn = rebuilt.lsn
                 dest = dest.resolve()
                 if stat.S_ISDIR(node.mode) or not dest.is_dir():
