@@ -182,7 +182,7 @@ async def _serve(
     from vaultsync.fuse import loop
     from vaultsync.fuse.operations import Operations
 
-    loop.enable()
+    loop.enable(cfg.mount.busy_poll_us / 1e6)
     v = cfg.volume
     vol = await Volume.open(
         v.state_dir, passphrase, segment_size=v.segment_size, segment_max_age=v.segment_max_age
@@ -200,7 +200,11 @@ async def _serve(
     dropped = fs.drop_orphans()
     if dropped:
         log.info("dropped %d unlinked file(s) left open by a previous process", dropped)
-    ops = Operations(fs, sync_on_close=cfg.replication.sync_on_close)
+    ops = Operations(
+        fs,
+        sync_on_close=cfg.replication.sync_on_close,
+        writeback_cache=cfg.mount.writeback_cache,
+    )
     try:
         _init_fuse(ops, mountpoint, v.name, read_only=False)
     except RuntimeError as e:
@@ -309,7 +313,7 @@ async def _serve_point(
     from vaultsync.objectstore import ObjectStore
     from vaultsync.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
 
-    loop.enable()
+    loop.enable(cfg.mount.busy_poll_us / 1e6)
     point = parse_point(point_text)
     t0 = time.monotonic()
     async with ObjectStore(cfg.target(target)) as store:

@@ -57,10 +57,13 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = True
     supports_dot_lookup = True
 
-    def __init__(self, fs: FileSystem, sync_on_close: bool = False) -> None:
+    def __init__(
+        self, fs: FileSystem, sync_on_close: bool = False, writeback_cache: bool = True
+    ) -> None:
         super().__init__()
         self.fs = fs
         self.sync_on_close = sync_on_close
+        self.enable_writeback_cache = writeback_cache  # pyfuse3 reads it at init
         # The writeback cache makes the kernel the owner of regular files' mtime/ctime.
         fs.kernel_cmtime = self.enable_writeback_cache
 

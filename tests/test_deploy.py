@@ -27,6 +27,7 @@ from vaultsync.fuse.mount import lazy_unmount, mounted_at
 from vaultsync.config import (
     ApiConfig,
     Config,
+    MountConfig,
     ReplicationConfig,
     RetentionConfig,
     TargetConfig,
@@ -158,6 +159,7 @@ def test_every_config_key_is_documented_with_its_default() -> None:
         "replication": ReplicationConfig,
         "targets": TargetConfig,
         "retention": RetentionConfig,
+        "mount": MountConfig,
         "api": ApiConfig,
     }
     assert set(_fields(Config)) == set(sections)
@@ -178,7 +180,7 @@ def test_every_config_key_is_documented_with_its_default() -> None:
     for key in ("access_key_id_env", "secret_access_key_env", "file"):
         assert f"`targets.credentials.{key}`" in text
     # And nothing documented that does not exist.
-    row_key = r"^\| `((?:volume|replication|retention|api|targets)\.[a-z_.]+)` \|"
+    row_key = r"^\| `((?:volume|replication|retention|mount|api|targets)\.[a-z_.]+)` \|"
     documented = set(re.findall(row_key, text, re.M))
     known = {f"{s}.{k}" for s, m in sections.items() for k in _fields(m)} | {
         f"targets.credentials.{k}" for k in ("access_key_id_env", "secret_access_key_env", "file")

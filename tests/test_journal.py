@@ -450,3 +450,25 @@ def test_large_syncs_write_no_runway(tmp_path: Path) -> None:
     j.sync()
     assert (tmp_path / segment_name(1)).stat().st_size == j.size
     j.close()
+
+
+def test_only_a_short_stretch_of_runway_is_a_small_sync(tmp_path: Path) -> None:
+    """small_sync lets the volume fdatasync on the event loop: only what is quick qualifies."""
+    j = _open(tmp_path)
+    _commit(j, 1)
+    assert not j.small_sync, "a new segment's first sync also makes its directory entry durable"
+    j.sync()
+    _commit(j, 2, chunks=1)
+    assert j.small_sync, "a few records inside the runway"
+    j.sync()
+    j.append([_chunk(3, os.urandom(Journal.INLINE_SYNC + 1)), _txn(3)])
+    assert not j.small_sync, "more than INLINE_SYNC owed"
+    j.sync()
+    _commit(j, 4)
+    j.seal()
+    _commit(j, 5)
+    assert not j.small_sync, "a sealed segment's fsync is owed"
+    j.sync()
+    _commit(j, 6)
+    assert j.small_sync
+    j.close()

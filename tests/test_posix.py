@@ -47,9 +47,15 @@ USER = 1000  # an unprivileged uid/gid that exists on the test machine
 
 
 # -- fixtures ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def volume(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    m = Mount.create(tmp_path_factory.mktemp("posix"), f"chunk_size = {BS}\n")
+@pytest.fixture(scope="module", params=[False, True], ids=["direct", "writeback"])
+def volume(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Mount]:
+    """Both ways the kernel can send writes (mount.writeback_cache), for every test."""
+    wb = "true" if request.param else "false"
+    m = Mount.create(
+        tmp_path_factory.mktemp("posix"), f"chunk_size = {BS}\n[mount]\nwriteback_cache = {wb}\n"
+    )
     m.start()
     try:
         yield m

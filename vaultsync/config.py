@@ -235,6 +235,18 @@ class RetentionConfig(_Strict):
     compact_below: float = Field(default=0.5, ge=0, le=1)
 
 
+class MountConfig(_Strict):
+    """How the FUSE mount trades CPU and kernel caching for speed (fuse/loop.py, operations.py)."""
+
+    # After a request, keep polling /dev/fuse this many microseconds before sleeping:
+    # on machines where waking an idle CPU is slow it multiplies small-request rates.
+    busy_poll_us: int = Field(default=200, ge=0, le=100_000)
+    # The kernel's writeback cache: writes gather in the page cache and reach the
+    # daemon in large pieces (fast streaming writes); the kernel then owns regular
+    # files' mtime/ctime and sends extra requests for them on rename, unlink and fsync.
+    writeback_cache: bool = False
+
+
 class ApiToken(_Strict):
     """A bearer token, kept only as its hash (`vaultsync token new` prints both once)."""
 
@@ -318,6 +330,7 @@ class Config(_Strict):
     targets: list[TargetConfig] = Field(default_factory=list)
     replication: ReplicationConfig = ReplicationConfig()
     retention: RetentionConfig = RetentionConfig()
+    mount: MountConfig = MountConfig()
     api: ApiConfig = ApiConfig()
 
     @model_validator(mode="after")

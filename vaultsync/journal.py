@@ -321,6 +321,21 @@ class Journal:
             os.ftruncate(self._fd, self.size)
         self._runway_end = self.size
 
+    # A sync owing no more than this, all of it inside the runway, is one quick
+    # fdatasync of an overwrite (about 0.1 ms here): cheaper done where it is asked
+    # for than handed to a thread, whose wake-up alone cost 0.1-0.3 ms here.
+    INLINE_SYNC = 128 * 1024
+
+    @property
+    def small_sync(self) -> bool:
+        """What a sync owes now is only a short stretch of the open segment's runway."""
+        return (
+            not self._owed
+            and not self._dir_dirty
+            and self.size - self._synced_size <= self.INLINE_SYNC
+            and self.size <= self._runway_end
+        )
+
     @property
     def needs_sync(self) -> bool:
         return self.dirty or bool(self._owed) or self._dir_dirty

@@ -346,9 +346,13 @@ class Volume:
         upto = self.last_lsn
         sealed, self._unnoted = self._unnoted, []
         pos = (self.journal.segno, self.journal.size)
+        inline = self.journal.small_sync
         work = self.journal.sync_work()
         try:
-            await asyncio.to_thread(work)
+            if inline:
+                work()  # blocks the loop for one short fdatasync (journal.INLINE_SYNC)
+            else:
+                await asyncio.to_thread(work)
         except OSError as e:
             # After a failed fsync the kernel may have dropped the dirty pages: nothing
             # written since the last good sync can be promised any more. Stop accepting.
@@ -449,6 +453,11 @@ class Volume:
     def epoch(self) -> int:
         """This writer's epoch (docs/format.md §2.4); new segments carry it."""
         return self.journal.epoch
+
+    @property
+    def read_only(self) -> bool:
+        """No write is accepted any more (fenced, or the journal's disk failed); reads go on."""
+        return self._failed is not None
 
     @property
     def fenced(self) -> bool:
