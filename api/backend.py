@@ -59,7 +59,12 @@ class Backend:
         )
         self._tmp = Path(tempfile.mkdtemp(prefix="vaultsync-api-"))
         self.views = PointViews(
-            store, self._tmp, self.passphrase, self.cfg.api.point_cache, live=self.live
+            store,
+            self._tmp,
+            self.passphrase,
+            self.cfg.api.point_cache,
+            live=self.live,
+            volume_name=self.cfg.volume.name,
         )
 
     async def close(self) -> None:

@@ -107,8 +107,10 @@ class PointViews:
         capacity: int,
         segment_cache_bytes: int = 1 << 30,
         live: FileSystem | None = None,
+        volume_name: str | None = None,
     ) -> None:
         self.store = store
+        self.volume_name = volume_name
         self.dir = cache_dir
         self.passphrase = passphrase
         self.capacity = capacity
@@ -212,7 +214,13 @@ class PointViews:
         head = await self._head() if self._moving(spec) else None
         try:
             rebuilt, keys = await rebuild(
-                self.store, where, self.passphrase, spec, self.segments, durable=False
+                self.store,
+                where,
+                self.passphrase,
+                spec,
+                self.segments,
+                durable=False,
+                volume_name=self.volume_name,
             )
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, where, True)

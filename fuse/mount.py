@@ -318,7 +318,15 @@ async def _serve_point(
     t0 = time.monotonic()
     async with ObjectStore(cfg.target(target)) as store:
         cache = SegmentCache(cache_dir / "segments", cache_limit)
-        rebuilt, keys = await rebuild(store, cache_dir, passphrase, point, cache, durable=False)
+        rebuilt, keys = await rebuild(
+            store,
+            cache_dir,
+            passphrase,
+            point,
+            cache,
+            durable=False,
+            volume_name=cfg.volume.name,
+        )
         vol = RecoveredVolume(cache_dir, rebuilt, keys, store, cache)
         log.info(
             "rebuilt %s from target %s as of %s (LSN %d) in %.1fs%s",

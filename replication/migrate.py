@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from vaultsync.replication.migrate_check import CheckFailed, check_object
-from vaultsync.replication.migrate_plan import Item, Plan, is_plain_md5, make_plan
+from vaultsync.replication.migrate_plan import SNAPSHOTS, Item, Plan, is_plain_md5, make_plan
 
 from vaultsync.chunks import Codec
 from vaultsync.config import Config, TargetConfig
@@ -70,6 +70,8 @@ class MigrateReport:
     repaired_from: dict[str, str] = field(default_factory=dict)
     deferred: list[str] = field(default_factory=list)
     vanished: list[str] = field(default_factory=list)
+    # snapshots deleted at A after a migration had copied them: removed from B too
+    withdrawn: list[str] = field(default_factory=list)
     plan: dict[str, dict[str, int]] = field(default_factory=dict)
     would_copy: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -355,6 +357,27 @@ class _Run:
                 )
             self.progress.advanced(1, item.size)
 
+    async def withdraw_deleted_snapshots(self) -> None:
+        """A snapshot deleted at A while it was being copied must not live on at B.
+
+        `vaultsync snapshot delete` deletes at every target of the config, B
+        included, but a copy already in flight lands after that. Only snapshots
+        a migration put at B (the resume journal says so, with B's very size and
+        ETag) are removed: one the writer made at B itself is left alone.
+        """
+        at_a = {o.key async for o in self.src.list(SNAPSHOTS)}
+        for o in [o async for o in self.dst.list(SNAPSHOTS)]:
+            if o.key in at_a or self.journal.done.get(o.key) != (o.size, o.etag):
+                continue
+            await self.dst.delete(o.key)
+            self.report.withdrawn.append(o.key)
+            log.info(
+                "%s: deleted at %s during the migration; removed from %s too",
+                o.key,
+                self.src.name,
+                self.dst.name,
+            )
+
     async def round(self, plan: Plan) -> int:
         """Copy one plan in phase order; the number of segments it copied."""
         self.progress.planned(len(plan.to_copy), plan.copy_bytes)
@@ -483,6 +506,8 @@ async def migrate(
                 copied_segments = await run.round(plan)
                 if report.failed or copied_segments <= max_lag or report.rounds >= max_rounds:
                     break
+            if not dry_run and not report.failed:
+                await run.withdraw_deleted_snapshots()
         finally:
             journal.close()
     report.seconds = round(time.monotonic() - t0, 3)

@@ -421,3 +421,83 @@ def test_live_migration_there_and_back_while_writing(
             assert _tree(mp) == want, at
         finally:
             pm.close()
+
+
+def test_a_snapshot_deleted_at_the_source_after_its_copy_is_withdrawn_from_the_destination(
+    populated: Populated, seaweedfs: LocalProvider, rclone: LocalProvider
+) -> None:
+    """A snapshot copied to B, then deleted at A (a `snapshot delete` racing the copy),
+    must not live on at B; a snapshot the writer made at B itself is B's own."""
+    a, b = fresh_bucket(seaweedfs), fresh_bucket(rclone)
+    cfg = populated.config(
+        seaweedfs,
+        rclone,
+        target_block("a", seaweedfs, a) + target_block("b", rclone, b),
+        only="sw",
+    )
+    res, _ = migrate_json(cfg, "--from", "sw", "--to", "a")  # A: a copy of its own
+    assert res.returncode == 0, res.stderr
+    res, _ = migrate_json(cfg, "--from", "a", "--to", "b")
+    assert res.returncode == 0, res.stderr
+    assert "snapshots/round0.json" in listing(rclone, b)
+    c = seaweedfs.client()
+    try:
+        c.delete_object(Bucket=a, Key="v/snapshots/round0.json")
+    finally:
+        c.close()
+    own = json.dumps({"name": "only-at-b", "lsn": 3}).encode()
+    put(rclone, b, "snapshots/only-at-b.json", own)
+    res, rep = migrate_json(cfg, "--from", "a", "--to", "b")
+    assert res.returncode == 0, res.stderr
+    assert rep["withdrawn"] == ["snapshots/round0.json"]
+    at_b = listing(rclone, b)
+    assert "snapshots/round0.json" not in at_b
+    assert "snapshots/round1.json" in at_b and "snapshots/only-at-b.json" in at_b
+
+
+def test_encrypted_volume_migrates_with_the_passphrase_and_not_without(
+    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAULTSYNC_PASSPHRASE", "correct horse battery staple")
+    sw_b, new = fresh_bucket(seaweedfs), fresh_bucket(rclone)
+    a = Mount.create(
+        tmp_path / "siteA",
+        "encryption = true\n" + VOLUME + REPL + target_block("sw", seaweedfs, sw_b),
+    )
+    a.start()
+    try:
+        write_some(a.mountpoint, random.Random(3), 8, "enc")
+        want = _tree(a.mountpoint)
+        a.umount()
+    finally:
+        a.cleanup()
+    site = tmp_path / "site.toml"
+    site.write_text(
+        '[volume]\nname = "t"\nstate_dir = "state"\nencryption = true\n'
+        + target_block("sw", seaweedfs, sw_b)
+        + target_block("new", rclone, new)
+    )
+    monkeypatch.delenv("VAULTSYNC_PASSPHRASE")
+    res = cli("migrate", str(site), "--from", "sw", "--to", "new")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "passphrase" in res.stderr and listing(rclone, new) == {}
+    monkeypatch.setenv("VAULTSYNC_PASSPHRASE", "wrong")
+    res = cli("migrate", str(site), "--from", "sw", "--to", "new")
+    assert res.returncode == 1 and "wrong passphrase" in res.stderr, res.stderr
+    assert listing(rclone, new) == {}
+    monkeypatch.setenv("VAULTSYNC_PASSPHRASE", "correct horse battery staple")
+    res, rep = migrate_json(site, "--from", "sw", "--to", "new")
+    assert res.returncode == 0, res.stderr
+    assert rep["failed"] == [] and rep["verified"] == rep["copied"] > 0
+    assert listing(rclone, new) == listing(seaweedfs, sw_b)
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    pm = PointMount(site, mp, "new", None)
+    try:
+        assert _tree(mp) == want
+    finally:
+        pm.close()
+    monkeypatch.setenv("VAULTSYNC_PASSPHRASE", "wrong")
+    res = cli("mount", str(site), str(mp), "--from", "new")
+    assert res.returncode == 1 and "wrong passphrase" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr

@@ -34,6 +34,15 @@ def _tree(root: Path) -> dict[str, object]:
     return out
 
 
+def _keys(p: LocalProvider, bucket: str) -> list[str]:
+    c = p.client()
+    try:
+        page = c.list_objects_v2(Bucket=bucket, MaxKeys=1000)
+        return [o["Key"] for o in page.get("Contents", [])]
+    finally:
+        c.close()
+
+
 def _targets_toml(sw: LocalProvider, rc: LocalProvider, bucket: str) -> str:
     toml = ""
     for name, p, mode in (("sw", sw, "sync"), ("rc", rc, "async")):
@@ -189,6 +198,24 @@ def test_bad_points_are_clear_errors(
         )
         assert res.returncode == 1, res.stderr
         assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+    # A site whose config names another volume than the bucket holds (a wrong bucket or
+    # prefix): refused by every command that recovers, and promote takes no lease.
+    other = tmp_path / "other.toml"
+    other.write_text(a.config.read_text().replace('name = "t"', 'name = "payroll"', 1))
+    leases = sorted(k for k in _keys(seaweedfs, bucket) if "lease" in k)
+    for args in (
+        ["mount", str(other), str(mp), "--from", "sw"],
+        ["restore", str(other), "/x", str(tmp_path / "out"), "--from", "sw"],
+        ["promote", str(other), "--from", "sw"],
+    ):
+        res = subprocess.run(
+            [sys.executable, "-m", "vaultsync", *args], capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 1, (args, res.stderr)
+        assert "holds volume 't'" in res.stderr and "'payroll'" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    assert sorted(k for k in _keys(seaweedfs, bucket) if "lease" in k) == leases
+    assert not (tmp_path / "out").exists()
 
 
 def test_snapshots_and_points(

@@ -139,6 +139,8 @@ def _print_report(r: Any, adopted: str) -> None:
     )
     for key, where in r.repaired_from.items():
         out.print(f"  {key}: damaged at {r.source}, good copy taken from {where}")
+    for key in r.withdrawn:
+        out.print(f"  {key}: deleted at {r.source} during the migration, removed from {r.dest}")
     for f in r.failed:
         err.print(
             Text.assemble(("failed:", "bold red"), f" {f['key']}: {f['reason']}"), highlight=False

@@ -31,8 +31,8 @@ from vaultsync.journal import Journal
 from vaultsync.layout import segment_key
 from vaultsync.lease import current_epoch, lease_doc, take_lease
 from vaultsync.objectstore import ObjectStore, StoreError
-from vaultsync.recovery import PointSpec, SegmentCache, rebuild
-from vaultsync.targets import open_stores
+from vaultsync.recovery import PointSpec, SegmentCache, expect_volume, rebuild
+from vaultsync.targets import open_stores, read_remote_header
 from vaultsync.volume import CATALOG_FILE, JOURNAL_DIR, has_volume
 
 
@@ -66,17 +66,18 @@ async def promote(
 ) -> PromoteReport:
     state = cfg.volume.state_dir
     moved: Path | None = None
-    if has_volume(state):
-        if not force:
-            raise VolumeError(
-                f"{state} already holds a volume; promotion rebuilds it from the target. "
-                "Use --force to move the current one aside (kept for salvage)"
-            )
-        moved = state.with_name(f"{state.name}.salvage-{time.strftime('%Y%m%d-%H%M%S')}")
-        state.rename(moved)
+    if has_volume(state) and not force:
+        raise VolumeError(
+            f"{state} already holds a volume; promotion rebuilds it from the target. "
+            "Use --force to move the current one aside (kept for salvage)"
+        )
     async with open_stores(cfg, max_attempts=3) as stores:
         by_name = {s.name: s for s in stores}
         src = by_name[cfg.target(source).name]
+        await _check_same_volume(cfg, src, stores)
+        if has_volume(state):
+            moved = state.with_name(f"{state.name}.salvage-{time.strftime('%Y%m%d-%H%M%S')}")
+            state.rename(moved)
         epochs = []
         for st in stores:
             with contextlib.suppress(StoreError):
@@ -106,6 +107,28 @@ async def promote(
         )
 
 
+async def _check_same_volume(cfg: Config, src: ObjectStore, stores: list[ObjectStore]) -> None:
+    """No lease is taken anywhere unless every reachable target holds the named volume."""
+    header = await read_remote_header(src)
+    if header is None:
+        raise VolumeError(
+            f"target {src.name!r} holds no vaultsync volume ({src.where}); "
+            "check the bucket and prefix"
+        )
+    expect_volume(src, header, cfg.volume.name)
+    for st in stores:
+        if st is src:
+            continue
+        with contextlib.suppress(StoreError):  # an unreachable target is fenced later
+            other = await read_remote_header(st)
+            if other is not None and other.volume_id != header.volume_id:
+                raise VolumeError(
+                    f"target {st.name!r} holds another volume ({other.name!r}, "
+                    f"{other.volume_id_hex}) than {src.name!r} ({header.volume_id_hex}); "
+                    "fix its bucket or prefix before promoting"
+                )
+
+
 async def _rebuild_here(
     cfg: Config, src: ObjectStore, passphrase: str | None, epoch: int
 ) -> tuple[int, int, int | None] | None:
@@ -115,7 +138,15 @@ async def _rebuild_here(
     journal_dir = state / JOURNAL_DIR
     cache = SegmentCache(journal_dir, limit=1 << 62)
     # Every segment is needed locally (targets that lag are shipped from here): no checkpoint.
-    rebuilt, _keys = await rebuild(src, state, passphrase, PointSpec(), cache, use_checkpoint=False)
+    rebuilt, _keys = await rebuild(
+        src,
+        state,
+        passphrase,
+        PointSpec(),
+        cache,
+        use_checkpoint=False,
+        volume_name=cfg.volume.name,
+    )
     cat = rebuilt.catalog
     try:
         sealed_tail = None

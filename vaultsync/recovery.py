@@ -217,6 +217,16 @@ class SegmentCache:
         return data if len(data) == loc.length else None
 
 
+def expect_volume(store: ObjectStore, header: VolumeHeader, volume_name: str) -> None:
+    """Refuse a target that holds another volume than the config names (a wrong bucket)."""
+    if header.name != volume_name:
+        raise VolumeError(
+            f"target {store.name!r} holds volume {header.name!r} ({header.volume_id_hex}), "
+            f"not {volume_name!r} as the config's volume.name says ({store.where}); "
+            "check the target's bucket and prefix, or correct volume.name"
+        )
+
+
 async def rebuild(
     store: ObjectStore,
     state_dir: Path,
@@ -227,8 +237,12 @@ async def rebuild(
     *,
     use_checkpoint: bool = True,
     durable: bool = True,
+    volume_name: str | None = None,
 ) -> tuple[Rebuilt, VolumeKeys | None]:
     """A fresh catalog in `state_dir` holding the volume as of `point`, from `store` alone.
+
+    `volume_name` is the volume the caller's config names: a target holding
+    another one (the wrong bucket or prefix) is refused before anything is read.
 
     Starts from the newest checkpoint at or before the point (if any, and if
     `use_checkpoint`), then replays only the segments after it. The catalog is
@@ -241,6 +255,8 @@ async def rebuild(
             f"target {store.name!r} holds no vaultsync volume ({store.where}); "
             "check the bucket and prefix"
         )
+    if volume_name is not None:
+        expect_volume(store, header, volume_name)
     keys = header.unlock(passphrase)
     codec = Codec(header.compression_level, keys)
     stop_lsn, stop_ns = point.lsn, point.time_ns

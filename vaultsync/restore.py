@@ -230,7 +230,15 @@ async def restore(
     with tempfile.TemporaryDirectory(prefix="vaultsync-restore-") as tmp:
         async with ObjectStore(cfg.target(target)) as store:
             cache = SegmentCache(Path(tmp) / "segments", 2 << 30)
-            rebuilt, keys = await rebuild(store, Path(tmp), passphrase, point, cache, durable=False)
+            rebuilt, keys = await rebuild(
+                store,
+                Path(tmp),
+                passphrase,
+                point,
+                cache,
+                durable=False,
+                volume_name=cfg.volume.name,
+            )
             vol = RecoveredVolume(Path(tmp), rebuilt, keys, store, cache)
             try:
                 fs = FileSystem(vol)  # type: ignore[arg-type]
