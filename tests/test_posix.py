@@ -26,7 +26,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -1430,3 +1430,31 @@ async def test_write_into_a_new_block_being_flushed_keeps_its_start(fs: FileSyst
     await flushing
     await fs.flush(ino)
     assert await fs.read(ino, bs, bs) == first + rest
+
+
+async def test_sequential_reads_fetch_each_chunk_once(fs: FileSystem) -> None:
+    """A read that overtakes its own read-ahead waits for it instead of fetching the same
+    chunks again (every duplicate is a second decompress and hash check)."""
+    bs = fs.block_size
+    ino = await _new_file(fs)
+    content = os.urandom(64 * bs)
+    await fs.write(ino, 0, content)
+    await fs.flush(ino)
+    await fs.release(ino)
+    fs.cache = ChunkCache(fs.cache.limit)  # cold: every block comes from the journal
+    fs.open(ino)
+    real = fs.vol.read_chunks
+    asked: list[bytes] = []
+
+    async def slow_read_chunks(cids: Sequence[bytes]) -> list[bytes]:
+        asked.extend(cids)
+        await asyncio.sleep(0.02)  # the next read arrives while this fetch is under way
+        return await real(cids)
+
+    fs.vol.read_chunks = slow_read_chunks  # type: ignore[method-assign]
+    got = bytearray()
+    step = 4 * bs
+    for off in range(0, len(content), step):
+        got += await fs.read(ino, off, step)
+    assert bytes(got) == content
+    assert len(asked) == len(set(asked)) == 64, f"{len(asked) - len(set(asked))} fetched twice"

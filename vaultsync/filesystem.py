@@ -139,6 +139,8 @@ class FileSystem:
         self.flush_bytes = flush_bytes
         self._background: set[asyncio.Future[None]] = set()
         self._read_end: dict[int, int] = {}  # ino -> where the last read ended
+        # chunk id -> done when the fetch bringing it into the cache ends (_warm)
+        self._fetching: dict[bytes, asyncio.Future[None]] = {}
         self._prefetching: set[int] = set()
         self.cat = vol.catalog
         self.block_size = vol.header.chunk_size
@@ -618,22 +620,45 @@ class FileSystem:
 
     READ_AHEAD_BLOCKS = 64
 
-    async def _warm(self, ino: int, first: int, last: int) -> dict[int, tuple[bytes, int]]:
+    async def _warm(
+        self, ino: int, first: int, last: int, remap: bool = True
+    ) -> dict[int, tuple[bytes, int]]:
         """Bring the stored blocks first..last into the chunk cache in one trip.
 
-        Returns the catalog's map of those blocks as it is when this returns.
+        Returns the catalog's map of those blocks as it is when this returns
+        (unless not `remap`: then as it was when it began).
         """
         fd = self.files.get(ino)
         stored = self.cat.block_range(ino, first, last)
-        want = [
-            cid
-            for b, (cid, _n) in sorted(stored.items())
-            if self.cache.get(cid) is None and (fd is None or fd.peek(b) is None)
-        ]
-        if not want:
+        want: dict[bytes, None] = {}
+        fetching: set[asyncio.Future[None]] = set()
+        for b, (cid, _n) in sorted(stored.items()):
+            if self.cache.get(cid) is not None or (fd is not None and fd.peek(b) is not None):
+                continue
+            other = self._fetching.get(cid)
+            if other is not None:
+                fetching.add(other)  # a read-ahead is bringing it: wait, do not fetch twice
+            else:
+                want[cid] = None
+        if not want and not fetching:
             return stored
-        for cid, data in zip(want, await self.vol.read_chunks(want), strict=True):
-            self.cache.put(cid, data)
+        if want:
+            done = asyncio.get_running_loop().create_future()
+            for cid in want:
+                self._fetching[cid] = done
+            try:
+                got = await self.vol.read_chunks(list(want))
+                for cid, data in zip(want, got, strict=True):
+                    self.cache.put(cid, data)
+            finally:
+                for cid in want:
+                    if self._fetching.get(cid) is done:
+                        del self._fetching[cid]
+                done.set_result(None)  # waiters go on; a chunk not cached is read singly
+        if fetching:
+            await asyncio.gather(*(asyncio.shield(f) for f in fetching))
+        if not remap:
+            return stored
         return self.cat.block_range(ino, first, last)  # it may have changed meanwhile
 
     def _read_ahead(self, ino: int, first: int, last: int) -> None:
@@ -643,7 +668,7 @@ class FileSystem:
 
         async def go() -> None:
             try:
-                await self._warm(ino, first, last)
+                await self._warm(ino, first, last, remap=False)
             except Exception:
                 pass  # only a hint: the read itself reports errors
             finally:
@@ -700,9 +725,10 @@ class FileSystem:
             b, inner = divmod(pos, bs)
             take = min(bs - inner, end - pos)
             data = await self._block(ino, b, stored)
-            piece = data[inner : inner + take]
+            # A view, not a slice: the join below is then the only copy of the data.
+            piece: bytes | memoryview = memoryview(data)[inner : inner + take]
             if len(piece) < take:
-                piece = piece + bytes(take - len(piece))
+                piece = bytes(piece) + bytes(take - len(piece))
             parts.append(piece)
             pos += take
         # The file may have been truncated while we awaited a chunk: never return stale tail.

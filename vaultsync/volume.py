@@ -404,7 +404,8 @@ class Volume:
         A file written sequentially lies in the journal in order, so a sequential
         read (and its read-ahead) becomes a few large reads instead of many small.
         """
-        locs = [self.catalog.chunk_location(c) for c in cids]
+        found = self.catalog.chunk_locations(cids)
+        locs = [found.get(c) for c in cids]
 
         def work() -> list[bytes | None]:
             out: list[bytes | None] = [None] * len(cids)
