@@ -115,6 +115,7 @@ class Jobs:
                 self.passphrase,
                 force=job.force,
                 bwlimit=job.bwlimit,
+                confine=self.cfg.api.restore_roots,
                 progress=progress,
                 total=total,
             )

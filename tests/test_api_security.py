@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,36 @@ def test_restore_destinations_are_confined(
         headers=auth(ADMIN_TOKEN),
     )
     assert r.status_code == 400
+
+
+def test_a_symlink_swapped_into_a_running_restore_stops_it(srv: dict[str, Any]) -> None:
+    """The destination is checked before every file, not only when the job starts."""
+    root, outside = srv["root"], srv["outside"]
+    h = auth(ADMIN_TOKEN)
+    r = httpx.post(  # 1 KiB/s: the 30 small files take seconds
+        srv["url"] + "/v1/restores",
+        json={"path": "/many", "destination": "swap/many", "bwlimit": 1024},
+        headers=h,
+    )
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        j = httpx.get(f"{srv['url']}/v1/restores/{job}", headers=h).json()
+        if j["bytes_done"] > 0 or j["state"] != "running":
+            break
+        time.sleep(0.01)
+    assert j["state"] == "running", j
+    # A local user replaces the directory being filled with a link to elsewhere.
+    (root / "swap" / "many").rename(root / "swap" / "many.before")
+    os.symlink(outside, root / "swap" / "many")
+    while time.monotonic() < deadline:
+        j = httpx.get(f"{srv['url']}/v1/restores/{job}", headers=h).json()
+        if j["state"] != "running":
+            break
+        time.sleep(0.05)
+    assert j["state"] == "failed" and "outside the restore roots" in j["error"], j
+    assert list(outside.iterdir()) == [], "a restore wrote outside its roots"
 
 
 def test_request_bounds(srv: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -84,19 +84,38 @@ class _Restorer:
         parallel: int,
         progress: Callable[[int], None] | None,
         limiter: RateLimiter,
+        confine: Sequence[Path] = (),
     ) -> None:
         self.fs = fs
         self.force = force
         self.sem = asyncio.Semaphore(parallel)
         self.limiter = limiter
+        self.confine = [os.path.realpath(r) for r in confine]
         self.progress = progress
         self.report = RestoreReport()
         # ino -> (first path restored, set once it is in place): hard links link to it
         self.linked: dict[int, tuple[Path, asyncio.Event]] = {}
         self.dir_meta: list[tuple[Path, Inode, dict[bytes, bytes]]] = []
 
+    def _check_inside(self, dest: Path) -> None:
+        """With `confine` (the API's restore roots), every name is created under one of them.
+
+        Checked again before each file, directory and link, not only when the
+        restore starts: a symlink swapped into the destination tree while the
+        restore runs would otherwise carry the rest of it elsewhere.
+        """
+        if not self.confine:
+            return
+        real = os.path.realpath(dest.parent)
+        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.confine):
+            raise RestoreError(
+                f"{dest.parent} now leads to {real}, outside the restore roots (a symlink "
+                "appeared in the destination during the restore); the restore was stopped"
+            )
+
     def _check_free(self, dest: Path, node: Inode) -> bool:
         """True to write `dest`; False to skip it (already restored)."""
+        self._check_inside(dest)
         try:
             st = os.lstat(dest)
         except FileNotFoundError:
@@ -151,6 +170,7 @@ class _Restorer:
             if not self._check_free(dest, node):
                 self.report.skipped += 1
                 return
+            self._check_inside(dest)  # again: the copy waited for its turn
             fd, tmp = tempfile.mkstemp(prefix=".vsrestore-", dir=dest.parent)
             try:
                 with os.fdopen(fd, "wb") as out:
@@ -162,6 +182,7 @@ class _Restorer:
                         if self.progress is not None:
                             self.progress(len(data))
                     out.truncate(node.size)  # a sparse tail
+                self._check_inside(dest)
                 _set_meta(Path(tmp), node, self._xattrs(node.ino), False)
                 os.replace(tmp, dest)
             except BaseException:
@@ -222,10 +243,12 @@ async def restore(
     force: bool = False,
     parallel: int = 8,
     bwlimit: float | None = None,
+    confine: Sequence[Path] = (),
     progress: Callable[[int], None] | None = None,
     total: Callable[[int], None] | None = None,
 ) -> RestoreReport:
-    """`bwlimit` caps the bytes written per second, all files together (None: no cap)."""
+    """`bwlimit` caps the bytes written per second, all files together (None: no cap);
+    with `confine`, nothing is created outside those directories (symlinks followed)."""
     point = parse_point(at)
     with tempfile.TemporaryDirectory(prefix="vaultsync-restore-") as tmp:
         async with ObjectStore(cfg.target(target)) as store:
@@ -245,7 +268,7 @@ async def restore(
                 node = _resolve(fs, path)
                 if total is not None:
                     total(_tree_bytes(fs, node))
-                r = _Restorer(fs, force, parallel, progress, RateLimiter(bwlimit))
+                r = _Restorer(fs, force, parallel, progress, RateLimiter(bwlimit), confine)
                 r.report.lsn = rebuilt.lsn
                 dest = dest.resolve()
                 if stat.S_ISDIR(node.mode) or not dest.is_dir():
