@@ -346,7 +346,9 @@ class Volume:
         upto = self.last_lsn
         sealed, self._unnoted = self._unnoted, []
         pos = (self.journal.segno, self.journal.size)
-        inline = self.journal.small_sync
+        # With sync targets the upload of the same bytes runs on the loop meanwhile:
+        # the fdatasync then goes to a thread so that the two overlap.
+        inline = self.journal.small_sync and self.replicate is None
         work = self.journal.sync_work()
         try:
             if inline:
