@@ -366,6 +366,27 @@ def point_runtime_file(mountpoint: Path, suffix: str) -> Path:
     return Path(tempfile.gettempdir()) / f"vaultsync-point-{digest}.{suffix}"
 
 
+# glibc's malloc keeps memory it was given back when it can reuse it: after a freed
+# buffer of a segment's size it serves every allocation below that size from its
+# heaps (the threshold adapts up to 32 MiB), and each worker thread gets a heap of
+# its own. A daemon that briefly holds a segment or a flush batch then stays that
+# big. Fixed: allocations of 4 MiB or more are mapped, and unmapped when freed;
+# two heaps for all threads. Smaller buffers (FUSE requests of 1 MiB) still reuse heap.
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+
+
+def _tame_malloc() -> None:
+    """Best effort: only glibc has mallopt, and the daemon works the same without it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 4 << 20)
+        libc.mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError) as e:
+        log.debug("malloc left as it is: %s", e)
+
+
 def run_point_mount(
     cfg: Config,
     target: str,
@@ -383,6 +404,7 @@ def run_point_mount(
     import shutil
     import tempfile
 
+    _tame_malloc()
     mountpoint = mountpoint.resolve()
     clean_stale_mount(mountpoint)
     check_mountpoint(mountpoint)
@@ -406,6 +428,7 @@ def run_mount(
     cfg: Config, mountpoint: Path, passphrase: str | None, config_path: Path | None = None
 ) -> None:
     """Mount in the foreground until unmounted or signalled."""
+    _tame_malloc()
     state_dir = cfg.volume.state_dir
     if not has_volume(state_dir):
         raise MountError(f"{state_dir} holds no volume; run `vaultsync init CONFIG` first")

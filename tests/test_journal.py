@@ -472,3 +472,37 @@ def test_only_a_short_stretch_of_runway_is_a_small_sync(tmp_path: Path) -> None:
     _commit(j, 6)
     assert j.small_sync
     j.close()
+
+
+def test_a_mount_reads_only_what_the_catalog_has_not_applied(tmp_path: Path) -> None:
+    """Sealed segments wholly applied are skipped by their seal alone: a byte flipped
+    inside one is not even seen, while a replay that needs it still checks every record."""
+    j = _open(tmp_path)
+    for lsn in (1, 2):
+        _commit(j, lsn)
+    j.seal()
+    old = j.segment_numbers()[0]
+    _commit(j, 3)
+    j.seal()  # the last segment is sealed too: a clean unmount
+    j.sync()
+    j.close()
+    _flip_byte(tmp_path / segment_name(old), seg.HEADER_SIZE + 10)
+    j2 = _open(tmp_path, expect_lsn=3)
+    assert j2.last_lsn == 3 and j2.segno == 3, "opened after the sealed segment, not rescanned"
+    assert [r.lsn for r in _records(j2, after=2)] == [3, 3]
+    with pytest.raises(CorruptRecordError, match="damaged"):
+        _records(j2, after=0)
+    j2.close()
+
+
+def test_seal_at_end_reads_a_seal_and_nothing_else() -> None:
+    payload = seg.seal_payload(7, 41)
+    raw = seg.encode_record(seg.Record(seg.RecordType.SEAL, 41, 5, payload))
+    assert len(raw) == seg.SEAL_RECORD_SIZE and seg.seal_at_end(raw) == 41
+    bad = bytearray(raw)
+    bad[-1] ^= 1
+    assert seg.seal_at_end(bytes(bad)) is None
+    assert seg.seal_at_end(raw[1:]) is None
+    assert seg.seal_at_end(bytes(len(raw))) is None  # runway zeros
+    txn = seg.encode_record(seg.Record(seg.RecordType.TXN, 41, 5, bytes(len(payload))))
+    assert seg.seal_at_end(txn) is None

@@ -130,6 +130,12 @@ class Journal:
             return j, report
         last = segnos[-1]
         path = j.path(last)
+        sealed_lsn = j._seal_at_end(last)
+        if sealed_lsn is not None and sealed_lsn >= expect_lsn:
+            # A clean unmount sealed it: no tail to repair, and nothing to read of it.
+            j.last_lsn = sealed_lsn
+            j._create(last + 1)
+            return j, report
         buf = path.read_bytes()
         scan = seg.scan_segment(buf, str(path))
         j._check_header(scan.header, path)
@@ -183,6 +189,18 @@ class Journal:
                 f"{path} belongs to volume {h.volume_id.hex()}, not {self.volume_id.hex()}: "
                 "the state directory holds another volume's journal"
             )
+
+    def _seal_at_end(self, segno: int) -> int | None:
+        """The last LSN of a segment whose file ends in an intact SEAL (read: its end only)."""
+        try:
+            with self.path(segno).open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size < seg.HEADER_SIZE + seg.SEAL_RECORD_SIZE:
+                    return None
+                f.seek(size - seg.SEAL_RECORD_SIZE)
+                return seg.seal_at_end(f.read(seg.SEAL_RECORD_SIZE))
+        except OSError:
+            return None
 
     def _sealed_last_lsn(self, segno: int) -> int:
         buf = self.path(segno).read_bytes()
@@ -396,6 +414,10 @@ class Journal:
         expect: int | None = None
         for segno in segnos:
             path = self.path(segno)
+            if segno != segnos[-1]:
+                last = self._seal_at_end(segno)
+                if last is not None and last <= after_lsn:
+                    continue  # wholly applied: a mount need not read the whole journal
             buf = path.read_bytes()
             scan = seg.scan_segment(buf, str(path))
             if scan.header.volume_id != self.volume_id:

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import io
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -107,6 +108,26 @@ def md5_hex(data: bytes) -> str:
 
 def _content_md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+class _Body(io.BytesIO):
+    """A request body aiohttp sends from `data` itself, never from a copy.
+
+    botocore wraps a bytes body in a BytesIO, which shares the bytes until its
+    buffer is exported; aiohttp exports it (getbuffer) only to learn the size,
+    and that copy of a whole segment doubled the daemon's memory at every upload.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self._data = data
+
+    def getbuffer(self) -> memoryview:
+        return memoryview(self._data)
+
+
+def _body(data: bytes) -> bytes | _Body:
+    return _Body(data) if len(data) >= 1 << 20 else data
 
 
 async def _content_md5_async(data: bytes) -> str:
@@ -282,7 +303,7 @@ class ObjectStore:
             # Content-MD5 makes the server refuse a body cut short by a dropped
             # connection instead of keeping a truncated (even empty) object.
             await c.put_object(
-                Bucket=self.target.bucket, Key=self._key(key), Body=data, ContentMD5=md5
+                Bucket=self.target.bucket, Key=self._key(key), Body=_body(data), ContentMD5=md5
             )
 
         await self._call("put", key, go)
@@ -376,7 +397,7 @@ class ObjectStore:
             await c.put_object(
                 Bucket=self.target.bucket,
                 Key=self._key(key),
-                Body=data,
+                Body=_body(data),
                 IfNoneMatch="*",
                 ContentMD5=md5,
             )

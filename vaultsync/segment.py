@@ -160,6 +160,27 @@ def _decode_at(buf: memoryview, off: int) -> Record:
     )
 
 
+SEAL_RECORD_SIZE = RECORD_OVERHEAD + _SEAL.size
+
+
+def seal_at_end(tail: bytes | memoryview) -> int | None:
+    """The last LSN if `tail` (a segment's last SEAL_RECORD_SIZE bytes) is an intact SEAL.
+
+    Lets a reader skip a whole sealed segment it knows it does not need
+    without reading it. It proves nothing about the records before the seal:
+    whoever reads those still checks each one.
+    """
+    if len(tail) != SEAL_RECORD_SIZE:
+        return None
+    try:
+        rec = _decode_at(memoryview(tail), 0)
+    except (_Stop, FormatError):
+        return None
+    if rec.type is not RecordType.SEAL or rec.size != SEAL_RECORD_SIZE:
+        return None
+    return parse_seal(rec.payload)[1]
+
+
 def decode_record(buf: bytes | memoryview, where: str = "record") -> Record:
     """One record that must be whole and intact (a ranged read of a known record)."""
     mv = memoryview(buf)
