@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vaultsync import segment as seg
-from vaultsync.chunks import CHUNK_ID_SIZE, Codec
+from vaultsync.chunks import CHUNK_ID_SIZE, PROBE, PROBE_ABOVE, Codec
 from vaultsync.crypto import VolumeKeys
 from vaultsync.errors import CorruptRecordError, CryptoError
 
@@ -112,6 +112,31 @@ def test_incompressible_data_is_stored_as_is() -> None:
     cid, rec = Codec(19).chunk_record(data, 1, 1)
     assert rec.flags == 0
     assert rec.payload == cid + data
+
+
+def test_a_chunk_whose_start_does_not_compress_is_not_compressed_at_all() -> None:
+    """The probe: random (media, archives) first, compressible after it, is kept as is;
+    compressible first is compressed whole, however random the rest."""
+    text = b"all work and no play " * 4000
+    random_first = os.urandom(PROBE) + text[: 60 * 1024]
+    cid, rec = Codec(3).chunk_record(random_first, 1, 1)
+    assert rec.flags == 0 and rec.payload == cid + random_first
+    text_first = text[:PROBE] + os.urandom(60 * 1024)
+    _, rec = Codec(3).chunk_record(text_first, 1, 1)
+    assert rec.flags == seg.FLAG_ZSTD and len(rec.payload) < len(text_first)
+    assert Codec(3).decode_chunk(rec) == text_first
+    small = os.urandom(100) + b"\0" * (PROBE_ABOVE - 100)  # not probed: compressed
+    assert Codec(3).chunk_record(small, 1, 1)[1].flags == seg.FLAG_ZSTD
+
+
+def test_small_transactions_are_stored_plain_large_ones_compressed() -> None:
+    c = Codec(3)
+    small = b'{"v":1,"ops":[]}' * 10
+    rec = c.txn_record(small, 7, 1)
+    assert rec.flags == 0 and rec.payload == small and c.decode_txn(rec) == small
+    big = b'{"op": "dirent", "name": "file"}, ' * 200
+    rec = c.txn_record(big, 8, 1)
+    assert rec.flags == seg.FLAG_ZSTD and len(rec.payload) < len(big) and c.decode_txn(rec) == big
 
 
 def test_level_zero_never_compresses() -> None:

@@ -23,6 +23,14 @@ from vaultsync.segment import FLAG_ENCRYPTED, FLAG_ZSTD, Record, RecordType
 
 CHUNK_ID_SIZE = 32
 _LSN = struct.Struct("<Q")
+# Below this a transaction is stored as it is: zstd would save a few dozen bytes
+# of a few hundred and cost more than the rest of the commit (every metadata op).
+TXN_COMPRESS_MIN = 1024
+# A larger payload whose first PROBE bytes do not shrink is stored as it is:
+# random or already-compressed data (media, archives, encrypted files) costs
+# zstd several times what hashing it does, for nothing.
+PROBE = 4096
+PROBE_ABOVE = 16 * 1024
 
 
 class Codec:
@@ -48,6 +56,8 @@ class Codec:
         c = getattr(self._local, "cctx", None)
         if c is None:
             c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+        if len(data) > PROBE_ABOVE and len(c.compress(data[:PROBE])) >= PROBE * 31 // 32:
+            return bytes(data), 0
         packed = c.compress(data)
         # Incompressible data is stored as is: never pay for a bigger copy.
         if len(packed) >= len(data):
@@ -116,7 +126,7 @@ class Codec:
 
     # -- transactions -----------------------------------------------------
     def txn_record(self, body: bytes, lsn: int, time_ns: int) -> Record:
-        packed, flags = self._compress(body)
+        packed, flags = self._compress(body) if len(body) >= TXN_COMPRESS_MIN else (body, 0)
         stored, flags = self._seal(packed, flags, b"txn" + _LSN.pack(lsn))
         return Record(RecordType.TXN, lsn, time_ns, stored, flags)
 

@@ -338,17 +338,25 @@ class Volume:
             raise self._failed
         if self._synced_lsn >= target and not self._unnoted and not self.journal.needs_sync:
             return
+        if self._sync_task is None and self._inline_sync():
+            # Done on the spot: _sync_once never suspends then, so no other sync can
+            # start meanwhile, and a task for it would only cost loop iterations.
+            await self._sync_once()
+            return
         if self._sync_task is None:
             self._sync_task = asyncio.ensure_future(self._sync_once())
         await asyncio.shield(self._sync_task)
+
+    def _inline_sync(self) -> bool:
+        # With sync targets the upload of the same bytes runs on the loop meanwhile:
+        # the fdatasync then goes to a thread so that the two overlap.
+        return self.journal.small_sync and self.replicate is None
 
     async def _sync_once(self) -> None:
         upto = self.last_lsn
         sealed, self._unnoted = self._unnoted, []
         pos = (self.journal.segno, self.journal.size)
-        # With sync targets the upload of the same bytes runs on the loop meanwhile:
-        # the fdatasync then goes to a thread so that the two overlap.
-        inline = self.journal.small_sync and self.replicate is None
+        inline = self._inline_sync()
         work = self.journal.sync_work()
         try:
             if inline:
