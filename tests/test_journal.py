@@ -506,3 +506,19 @@ def test_seal_at_end_reads_a_seal_and_nothing_else() -> None:
     assert seg.seal_at_end(bytes(len(raw))) is None  # runway zeros
     txn = seg.encode_record(seg.Record(seg.RecordType.TXN, 41, 5, bytes(len(payload))))
     assert seg.seal_at_end(txn) is None
+
+
+def test_a_batch_of_records_lands_byte_for_byte_as_encoded(tmp_path: Path) -> None:
+    """append() writes header, payload and checksum of each record without joining them
+    (a vectored write): the file must hold exactly the encoded records, more than
+    IOV_MAX buffers included."""
+    j = _open(tmp_path)
+    recs = [_chunk(1, os.urandom(n)) for n in (0, 1, 4095, 70_000)] * 100 + [_txn(1)]
+    start = j.size
+    locs = j.append(recs)
+    want = b"".join(seg.encode_record(r) for r in recs)
+    assert [loc.offset for loc in locs][:2] == [start, start + recs[0].size]
+    got = (tmp_path / segment_name(1)).read_bytes()[start : start + len(want)]
+    assert got == want
+    assert j.read(locs[3]) == recs[3]
+    j.close()

@@ -19,7 +19,9 @@ class FileData:
         self.block_size = block_size
         self.size = size  # logical size including unflushed writes
         self.stored_size = size  # size as the catalog has it
-        self.blocks: dict[int, bytearray] = {}
+        # A block written whole is kept as the bytes written (bytes() of it is free at
+        # flush); a partial write turns it into a bytearray to patch.
+        self.blocks: dict[int, bytes | bytearray] = {}
         self.inflight: dict[int, bytes] = {}
         self.mtime_ns = 0  # 0: unchanged since the catalog's value
         self.ctime_ns = 0
@@ -54,9 +56,19 @@ class FileData:
             self.dirty_since = time.monotonic()
         return len(base)
 
+    def put_whole(self, blockno: int, data: memoryview) -> int:
+        """A write covering the whole block: its bytes replace whatever it held."""
+        old = self.blocks.get(blockno)
+        self.blocks[blockno] = bytes(data)
+        if not self.dirty_since:
+            self.dirty_since = time.monotonic()
+        return len(data) - (len(old) if old is not None else 0)
+
     def patch(self, blockno: int, offset: int, data: memoryview) -> int:
         """Write into a dirty block (zero-filling a gap); returns bytes the block grew."""
         buf = self.blocks[blockno]
+        if isinstance(buf, bytes):
+            buf = self.blocks[blockno] = bytearray(buf)
         before = len(buf)
         if offset > before:
             buf.extend(bytes(offset - before))
@@ -119,7 +131,7 @@ class FileData:
         for table2 in (self.blocks,):
             buf = table2.get(last)
             if buf is not None and len(buf) > size % bs:
-                del buf[size % bs :]
+                table2[last] = buf[: size % bs]
         if last in self.inflight and len(self.inflight[last]) > size % bs:
             self.inflight[last] = self.inflight[last][: size % bs]
         self.size = self.stored_size = size

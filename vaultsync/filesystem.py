@@ -804,10 +804,14 @@ class FileSystem:
         while view:
             b, inner = divmod(pos, bs)
             take = min(bs - inner, len(view))
-            covers_all = inner == 0 and take == bs
+            if inner == 0 and take == bs:  # the whole block: nothing of it to keep
+                self.dirty_bytes += fd.put_whole(b, view[:take])
+                pos += take
+                view = view[take:]
+                continue
             while not fd.has_dirty(b):
                 epoch = fd.epoch
-                if covers_all or (b * bs >= fd.stored_size and b not in fd.inflight):
+                if b * bs >= fd.stored_size and b not in fd.inflight:
                     # Nothing stored there yet, and no flush holds it: a fresh block.
                     # (A block in flight has content the catalog does not show yet.)
                     base = b""

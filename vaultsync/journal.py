@@ -38,6 +38,23 @@ def segment_name(segno: int) -> str:
     return f"{segno:016x}.seg"
 
 
+IOV_MAX = 1024
+
+
+def _pwrite_all(fd: int, parts: list[bytes], at: int) -> None:
+    """Write the buffers one after another from `at`, without joining them first."""
+    for i in range(0, len(parts), IOV_MAX):
+        group = parts[i : i + IOV_MAX]
+        want = sum(len(p) for p in group)
+        n = os.pwritev(fd, group, at)
+        if n < want:  # short write (a full disk reports ENOSPC on the retry)
+            rest = memoryview(b"".join(group))[n:]
+            while rest:
+                k = os.pwrite(fd, rest, at + n)
+                rest, n = rest[k:], n + k
+        at += want
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -247,17 +264,14 @@ class Journal:
         """Write records at the end of the open segment (no fsync: see sync())."""
         if self._fd < 0:
             raise VolumeError("journal is closed")
-        blobs = [seg.encode_record(r) for r in records]
+        parts: list[bytes] = []
         locs = []
         off = self.size
-        for b in blobs:
-            locs.append(Location(self.segno, off, len(b)))
-            off += len(b)
-        data = b"".join(blobs)
-        view, at = memoryview(data), self.size
-        while view:
-            n = os.pwrite(self._fd, view, at)
-            view, at = view[n:], at + n
+        for r in records:
+            parts.extend(seg.record_parts(r))
+            locs.append(Location(self.segno, off, r.size))
+            off += r.size
+        _pwrite_all(self._fd, parts, self.size)
         self.size = off
         self.records += len(records)
         for r in records:

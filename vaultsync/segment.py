@@ -108,12 +108,18 @@ class Record:
         return RECORD_OVERHEAD + len(self.payload)
 
 
-def encode_record(rec: Record) -> bytes:
+def record_parts(rec: Record) -> tuple[bytes, bytes, bytes]:
+    """A record's header, payload and checksum, to be written one after the other
+    (a vectored write stores a big payload without copying it into one buffer)."""
     if len(rec.payload) > MAX_PAYLOAD:
         raise ValueError("record payload larger than 4 GiB")
     head = _RECORD.pack(len(rec.payload), rec.type, rec.flags, 0, rec.lsn, rec.time_ns)
     crc = zlib.crc32(rec.payload, zlib.crc32(head)) & 0xFFFFFFFF
-    return b"".join((head, rec.payload, _CRC.pack(crc)))
+    return head, rec.payload, _CRC.pack(crc)
+
+
+def encode_record(rec: Record) -> bytes:
+    return b"".join(record_parts(rec))
 
 
 def seal_payload(record_count: int, last_lsn: int) -> bytes:
