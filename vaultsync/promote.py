@@ -31,7 +31,7 @@ from vaultsync.journal import Journal
 from vaultsync.layout import segment_key
 from vaultsync.lease import current_epoch, lease_doc, take_lease
 from vaultsync.objectstore import ObjectStore, StoreError
-from vaultsync.recovery import PointSpec, SegmentCache, expect_volume, rebuild
+from vaultsync.recovery import PointSpec, SegmentCache, rebuild, target_header
 from vaultsync.targets import open_stores, read_remote_header
 from vaultsync.volume import CATALOG_FILE, JOURNAL_DIR, has_volume
 
@@ -109,13 +109,7 @@ async def promote(
 
 async def _check_same_volume(cfg: Config, src: ObjectStore, stores: list[ObjectStore]) -> None:
     """No lease is taken anywhere unless every reachable target holds the named volume."""
-    header = await read_remote_header(src)
-    if header is None:
-        raise VolumeError(
-            f"target {src.name!r} holds no vaultsync volume ({src.where}); "
-            "check the bucket and prefix"
-        )
-    expect_volume(src, header, cfg.volume.name)
+    header = await target_header(src, cfg.volume.name)
     for st in stores:
         if st is src:
             continue

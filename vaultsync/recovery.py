@@ -217,14 +217,22 @@ class SegmentCache:
         return data if len(data) == loc.length else None
 
 
-def expect_volume(store: ObjectStore, header: VolumeHeader, volume_name: str) -> None:
-    """Refuse a target that holds another volume than the config names (a wrong bucket)."""
-    if header.name != volume_name:
+async def target_header(store: ObjectStore, volume_name: str | None = None) -> VolumeHeader:
+    """The volume header at a target; refused when there is none, or (with `volume_name`,
+    the volume the config names) when it is another volume's: a wrong bucket or prefix."""
+    header = await read_remote_header(store)
+    if header is None:
+        raise VolumeError(
+            f"target {store.name!r} holds no vaultsync volume ({store.where}); "
+            "check the bucket and prefix"
+        )
+    if volume_name is not None and header.name != volume_name:
         raise VolumeError(
             f"target {store.name!r} holds volume {header.name!r} ({header.volume_id_hex}), "
             f"not {volume_name!r} as the config's volume.name says ({store.where}); "
             "check the target's bucket and prefix, or correct volume.name"
         )
+    return header
 
 
 async def rebuild(
@@ -249,14 +257,7 @@ async def rebuild(
     built without fsync and made durable once at the end, or not at all when
     not `durable` (a throwaway catalog: a point mount, a restore, an API view).
     """
-    header = await read_remote_header(store)
-    if header is None:
-        raise VolumeError(
-            f"target {store.name!r} holds no vaultsync volume ({store.where}); "
-            "check the bucket and prefix"
-        )
-    if volume_name is not None:
-        expect_volume(store, header, volume_name)
+    header = await target_header(store, volume_name)
     keys = header.unlock(passphrase)
     codec = Codec(header.compression_level, keys)
     stop_lsn, stop_ns = point.lsn, point.time_ns
