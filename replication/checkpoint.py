@@ -9,13 +9,13 @@ at unmount are in replicator.py (`Replicator._send_checkpoints`).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import tempfile
 import time
 from pathlib import Path
 
 from vaultsync import segment as seg
+from vaultsync.background import in_background
 from vaultsync.volume import CATALOG_FILE, Volume
 
 # Tables that describe this site, not the volume: emptied in the image.
@@ -48,9 +48,9 @@ def _image(catalog: Path) -> tuple[int, bytes]:
 async def build_checkpoint(vol: Volume) -> tuple[int, int, bytes] | None:
     """(LSN, commit time, object bytes) of a checkpoint of the catalog as it is now."""
     vol.catalog.commit()
-    lsn, image = await asyncio.to_thread(_image, vol.state_dir / CATALOG_FILE)
+    lsn, image = await in_background(_image, vol.state_dir / CATALOG_FILE)
     if lsn == 0:
         return None
     when = vol.committed_at(lsn) or time.time_ns()
-    rec = await asyncio.to_thread(vol.codec.checkpoint_record, image, lsn, when)
+    rec = await in_background(vol.codec.checkpoint_record, image, lsn, when)
     return lsn, when, seg.encode_record(rec)

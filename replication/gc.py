@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from vaultsync import segment as seg
+from vaultsync.background import in_background
 from vaultsync.config import Config
 from vaultsync.errors import VaultsyncError
 from vaultsync.gcplan import SegmentRow, plan_segments, replay_segments
@@ -147,7 +148,7 @@ class GarbageCollector:
         if body is None:
             raise GcError(f"checkpoint {key} could not be read from any target")
         rec = seg.decode_record(body, key)
-        image = await asyncio.to_thread(self.vol.codec.decode_checkpoint, rec)
+        image = await in_background(self.vol.codec.decode_checkpoint, rec)
 
         def ids() -> bytes:
             with tempfile.TemporaryDirectory(prefix="vaultsync-gc-") as tmp:
@@ -160,7 +161,7 @@ class GarbageCollector:
                 finally:
                     db.close()
 
-        blob = await asyncio.to_thread(ids)
+        blob = await in_background(ids)
         self.cache.mkdir(exist_ok=True)
         tmpf = cached.with_suffix(".tmp")
         tmpf.write_bytes(blob)
@@ -238,7 +239,7 @@ class GarbageCollector:
         whole = replay_segments(rows, retained.ranges)
         replayed = sorted(whole) + [n for n in vol.journal.segment_numbers() if n > newest_sealed]
         for n in replayed:
-            live |= await asyncio.to_thread(self._segment_refs, n, n <= newest_sealed)
+            live |= await in_background(self._segment_refs, n, n <= newest_sealed)
         live |= {bytes(r[0]) for r in vol.catalog.db.execute("SELECT DISTINCT chunk FROM blocks")}
         report.live_chunks = len(live)
 
@@ -305,7 +306,7 @@ class GarbageCollector:
             held = vol.catalog.chunks_in(n)
             path = vol.journal.path(n)
             try:
-                data = await asyncio.to_thread(path.read_bytes)
+                data = await in_background(path.read_bytes)
             except FileNotFoundError:
                 log.warning("segment %d is missing locally; it is not compacted", n)
                 continue
@@ -331,7 +332,7 @@ class GarbageCollector:
             return False  # something still lives there (a compaction that did not happen)
         path = vol.journal.path(segno)
         try:
-            data = await asyncio.to_thread(path.read_bytes)
+            data = await in_background(path.read_bytes)
         except FileNotFoundError:
             data = b""
             for st in self.stores:

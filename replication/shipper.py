@@ -25,6 +25,7 @@ from typing import Any
 
 from vaultsync.replication.health import Health
 
+from vaultsync.background import in_background
 from vaultsync.config import TargetConfig
 from vaultsync.layout import contiguous_end, parse_tail_key, segment_key, tail_key, tail_prefix
 from vaultsync.lease import FencedError
@@ -149,7 +150,7 @@ class Shipper:
         # A small tail is in the page cache: a thread hop would cost more than the read.
         if end is not None and end - start <= 256 * 1024:
             return self._read(segno, start, end)
-        return await asyncio.to_thread(self._read, segno, start, end)
+        return await in_background(self._read, segno, start, end)
 
     def _read(self, segno: int, start: int, end: int | None) -> bytes:
         with open(self.vol.journal.path(segno), "rb") as f:

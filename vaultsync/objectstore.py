@@ -34,6 +34,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
+from vaultsync.background import in_background
 from vaultsync.config import TargetConfig
 from vaultsync.errors import VaultsyncError
 
@@ -135,7 +136,7 @@ async def _content_md5_async(data: bytes) -> str:
     on that loop); hashlib releases the GIL, so a worker thread runs it beside the loop."""
     if len(data) < 1 << 20:
         return _content_md5(data)
-    return await asyncio.to_thread(_content_md5, data)
+    return await in_background(_content_md5, data)
 
 
 class ObjectStore:
