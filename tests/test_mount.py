@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,4 +73,9 @@ def test_mount_raises_the_kernel_read_ahead(mounted: Mount) -> None:
     ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
     if os.geteuid() != 0:
         pytest.skip("raising read-ahead needs root")
+    # The daemon raises it from a thread just after the kernel's INIT, which can be a
+    # moment after the mount first answers: give it that moment, no more.
+    deadline = time.monotonic() + 5
+    while int(ra.read_text()) != READ_AHEAD_KB and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert int(ra.read_text()) == READ_AHEAD_KB

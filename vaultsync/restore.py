@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import errno
 import os
+import secrets
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -64,6 +65,18 @@ def _resolve(fs: FileSystem, path: str) -> Inode:
     return node
 
 
+def _set_meta_fd(fd: int, node: Inode, xattrs: dict[bytes, bytes]) -> None:
+    """As _set_meta, through an open file: nothing a path could be redirected to."""
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            os.fchown(fd, node.uid, node.gid)
+    os.fchmod(fd, stat.S_IMODE(node.mode))
+    for name, value in xattrs.items():
+        with contextlib.suppress(OSError):  # e.g. a DEST filesystem without xattrs
+            os.setxattr(fd, name, value)
+    os.utime(fd, ns=(node.atime_ns, node.mtime_ns))
+
+
 def _set_meta(path: Path, node: Inode, xattrs: dict[bytes, bytes], symlink: bool) -> None:
     if os.geteuid() == 0:
         with contextlib.suppress(OSError):
@@ -74,6 +87,24 @@ def _set_meta(path: Path, node: Inode, xattrs: dict[bytes, bytes], symlink: bool
         with contextlib.suppress(OSError):  # e.g. a DEST filesystem without xattrs
             os.setxattr(path, name, value, follow_symlinks=not symlink)
     os.utime(path, ns=(node.atime_ns, node.mtime_ns), follow_symlinks=not symlink)
+
+
+async def _all_or_nothing(coros: list[Coroutine[object, object, None]]) -> None:
+    """Run them together; the first failure (or a cancel) stops the others before it is
+    raised, so a restore that has failed leaves nothing still writing behind it."""
+    if not coros:
+        return
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in tasks:
+        if not t.cancelled() and (e := t.exception()) is not None:
+            raise e
 
 
 class _Restorer:
@@ -97,21 +128,34 @@ class _Restorer:
         self.linked: dict[int, tuple[Path, asyncio.Event]] = {}
         self.dir_meta: list[tuple[Path, Inode, dict[bytes, bytes]]] = []
 
-    def _check_inside(self, dest: Path) -> None:
+    def _check_inside(self, dest: Path, real: str | None = None) -> None:
         """With `confine` (the API's restore roots), every name is created under one of them.
 
         Checked again before each file, directory and link, not only when the
         restore starts: a symlink swapped into the destination tree while the
-        restore runs would otherwise carry the rest of it elsewhere.
+        restore runs would otherwise carry the rest of it elsewhere. `real` is
+        where an opened directory really is (its descriptor's target).
         """
         if not self.confine:
             return
-        real = os.path.realpath(dest.parent)
+        real = real or os.path.realpath(dest.parent)
         if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.confine):
             raise RestoreError(
                 f"{dest.parent} now leads to {real}, outside the restore roots (a symlink "
                 "appeared in the destination during the restore); the restore was stopped"
             )
+
+    def _open_parent(self, dest: Path) -> int:
+        """The directory `dest` goes in, opened and then checked: whatever its path
+        leads to later, a file made relative to this descriptor lands in the
+        directory that was checked."""
+        dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self._check_inside(dest, os.readlink(f"/proc/self/fd/{dfd}"))
+        except BaseException:
+            os.close(dfd)
+            raise
+        return dfd
 
     def _check_free(self, dest: Path, node: Inode) -> bool:
         """True to write `dest`; False to skip it (already restored)."""
@@ -170,25 +214,33 @@ class _Restorer:
             if not self._check_free(dest, node):
                 self.report.skipped += 1
                 return
-            self._check_inside(dest)  # again: the copy waited for its turn
-            fd, tmp = tempfile.mkstemp(prefix=".vsrestore-", dir=dest.parent)
+            # Everything below is relative to the parent's descriptor, checked once
+            # opened (the copy waited for its turn: check again, then pin it).
+            dfd = self._open_parent(dest)
+            tmp = f".vsrestore-{secrets.token_hex(6)}"
             try:
-                with os.fdopen(fd, "wb") as out:
-                    # The write runs in a thread while the next batch is fetched.
-                    async for data in self.fs.stream(node.ino):
-                        await self.limiter.take(len(data))
-                        await asyncio.to_thread(out.write, data)
-                        self.report.bytes += len(data)
-                        if self.progress is not None:
-                            self.progress(len(data))
-                    out.truncate(node.size)  # a sparse tail
-                self._check_inside(dest)
-                _set_meta(Path(tmp), node, self._xattrs(node.ino), False)
-                os.replace(tmp, dest)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+                fd = os.open(
+                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd
+                )
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        # The write runs in a thread while the next batch is fetched.
+                        async for data in self.fs.stream(node.ino):
+                            await self.limiter.take(len(data))
+                            await asyncio.to_thread(out.write, data)
+                            self.report.bytes += len(data)
+                            if self.progress is not None:
+                                self.progress(len(data))
+                        out.truncate(node.size)  # a sparse tail
+                        out.flush()
+                        _set_meta_fd(out.fileno(), node, self._xattrs(node.ino))
+                    os.replace(tmp, dest.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=dfd)
+                    raise
+            finally:
+                os.close(dfd)
             self.report.files += 1
 
     def _xattrs(self, ino: int) -> dict[bytes, bytes]:
@@ -210,7 +262,7 @@ class _Restorer:
                     if name in (b".", b".."):
                         continue
                     tasks.append(self.tree(child, dest / os.fsdecode(name)))
-            await asyncio.gather(*tasks)
+            await _all_or_nothing(tasks)
             # Directory times last: writing inside a directory changes its mtime.
             self.dir_meta.append((dest, node, self._xattrs(node.ino)))
         elif stat.S_ISREG(node.mode):
