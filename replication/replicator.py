@@ -50,6 +50,11 @@ class Checkpoint:
     lsn: int
     time_ns: int
     body: bytes
+    # The image's segment table lists every segment holding an LSN up to `lsn` as
+    # sealed. Not so when transactions committed while the image was read were still
+    # in the open segment: recovery from it then reads that segment once more (it
+    # applies nothing from it); a clean unmount replaces such an image.
+    complete: bool = True
 
 
 class Replicator:
@@ -69,6 +74,7 @@ class Replicator:
         # the LSN of the newest checkpoint uploaded there by this process.
         self._ckpt_pending: list[Checkpoint] = []
         self._ckpt_sent: dict[str, int] = {}
+        self._ckpt_incomplete: dict[str, int] = {}  # target -> LSN of an incomplete image sent
         self._ckpt_wake = asyncio.Event()
         self._ckpt_lock = asyncio.Lock()  # one builder or sender at a time
 
@@ -334,10 +340,12 @@ class Replicator:
         soon as it has that segment, not after the open one fills or ages out.
         """
         await self.vol.maybe_seal(force=True)
+        await self.vol.sync(replicate=False)  # every sealed segment noted in the catalog
+        sealed_to = self.vol.last_lsn if not self.vol.journal.records else 0
         built = await build_checkpoint(self.vol)
         if built is None:
             return None
-        return Checkpoint(*built)
+        return Checkpoint(*built, complete=built[0] <= sealed_to)
 
     async def _send_checkpoints(self, deadline: float | None = None) -> None:
         """Upload to each target the newest pending checkpoint it can take now.
@@ -378,6 +386,8 @@ class Replicator:
             log.warning("checkpoint at LSN %d did not reach target %s: %s", c.lsn, sh.name, e)
             return
         self._ckpt_sent[sh.name] = c.lsn
+        if not c.complete:
+            self._ckpt_incomplete[sh.name] = c.lsn
 
     async def _checkpoint_loop(self) -> None:
         """Build a checkpoint every `checkpoint_every` transactions (or `checkpoint_interval`
@@ -417,6 +427,25 @@ class Replicator:
             except Exception:
                 log.exception("checkpoint failed; will retry")
 
+    async def _replace_incomplete(self, stale: list[Shipper], lsn: int, deadline: float) -> None:
+        """The targets' checkpoint of the last LSN was taken with its segment still open:
+        the same point again, now that nothing moves, under the same key (both images
+        are the catalog as of that LSN, so a reader gets a valid one either way)."""
+        c = await self._build_checkpoint()
+        if c is None or c.lsn != lsn or not c.complete:
+            return
+
+        async def one(sh: Shipper) -> None:
+            put = sh.store.put(checkpoint_key(c.lsn, c.time_ns), c.body)
+            try:
+                await asyncio.wait_for(put, max(0.0, deadline - time.monotonic()))
+            except (StoreError, TimeoutError) as e:
+                log.warning("checkpoint at LSN %d not refreshed at %s: %s", lsn, sh.name, e)
+                return
+            self._ckpt_incomplete.pop(sh.name, None)
+
+        await asyncio.gather(*(one(sh) for sh in stale))
+
     def _add_pending(self, c: Checkpoint) -> None:
         # A target far behind keeps an older one to catch up to; at most a few are kept.
         self._ckpt_pending = [*self._ckpt_pending, c][-MAX_PENDING_CHECKPOINTS:]
@@ -440,6 +469,9 @@ class Replicator:
                         self._add_pending(c)
                 if self._ckpt_pending:
                     await self._send_checkpoints(deadline)
+                stale = [s for s in self.shippers if self._ckpt_incomplete.get(s.name) == lsn]
+                if stale:
+                    await self._replace_incomplete(stale, lsn, deadline)
 
         try:
             await asyncio.wait_for(go(), timeout)

@@ -150,6 +150,8 @@ class _Restorer:
         leads to later, a file made relative to this descriptor lands in the
         directory that was checked."""
         dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        if not self.confine:
+            return dfd
         try:
             self._check_inside(dest, os.readlink(f"/proc/self/fd/{dfd}"))
         except BaseException:
