@@ -140,6 +140,15 @@ class ResumeJournal:
         self._f.write(json.dumps(line) + "\n")
         self._f.flush()  # survives a kill -9 of this process (the page cache keeps it)
 
+    def note_present(self, items: list[Item], at_b: dict[str, ObjectInfo]) -> None:
+        """Objects the plan found at B by size and MD5 but this journal never saw (a run
+        killed between its upload and its record): recorded, so the journal lists every
+        object verified at B and a later run can trust B's ETag for them too."""
+        for item in items:
+            b = at_b[item.key]
+            if self.done.get(item.key) != (b.size, b.etag):
+                self.record(item.key, b.size, b.etag, "present")
+
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
@@ -487,7 +496,10 @@ async def migrate(
                 report.rounds += 1
                 progress.note(f"listing (round {report.rounds})")
                 a_list, b_list = await asyncio.gather(_listing(src), _listing(dst))
-                plan = make_plan(a_list, {o.key: o for o in b_list}, journal.done)
+                at_b = {o.key: o for o in b_list}
+                plan = make_plan(a_list, at_b, journal.done)
+                if not dry_run:
+                    journal.note_present(plan.present, at_b)
                 if report.rounds == 1:
                     report.plan = plan.summary()
                     report.skipped = len(plan.present)

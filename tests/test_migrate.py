@@ -259,6 +259,28 @@ def test_kill9_then_resume_copies_little_twice(
     assert rep["skipped"] >= len(partial) - (jobs + 1)
 
 
+def test_objects_found_at_b_unrecorded_join_the_resume_journal(
+    populated: Populated, seaweedfs: LocalProvider, rclone: LocalProvider
+) -> None:
+    """A run killed between an upload and its journal line leaves B holding an object
+    the journal never saw; the next run finds it by MD5, skips it, and records it, so
+    the journal lists every object verified at B."""
+    new = fresh_bucket(rclone)
+    cfg = populated.config(seaweedfs, rclone, target_block("new", rclone, new), only="sw")
+    behind = ["volume.json", "segments/0000000000000001.seg", "segments/0000000000000002.seg"]
+    for key in behind:
+        put(rclone, new, key, get(seaweedfs, populated.sw_bucket, key))
+    res, rep = migrate_json(cfg, "--from", "sw", "--to", "new")
+    assert res.returncode == 0, res.stderr
+    src = listing(seaweedfs, populated.sw_bucket)
+    assert listing(rclone, new) == src
+    assert rep["skipped"] == len(behind) and rep["copied"] == len(src) - len(behind)
+    lines = [json.loads(x) for x in Path(rep["journal"]).read_text().splitlines() if x.strip()]
+    assert {e["key"] for e in lines} == set(src)
+    assert sorted(e["key"] for e in lines if e["action"] == "present") == sorted(behind)
+    assert all(e["size"] == src[e["key"]][0] for e in lines)
+
+
 def test_damaged_object_at_source_is_taken_from_another_target_or_reported(
     populated: Populated, seaweedfs: LocalProvider, rclone: LocalProvider
 ) -> None:
