@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
@@ -102,7 +103,13 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
-        now = None
+        # chown(f, -1, -1) reaches us as a SETATTR with nothing in it (the kernel
+        # sends ctime only when it owns the times): Linux still stamps ctime.
+        empty = not any(
+            getattr(fields, f"update_{k}")
+            for k in ("mode", "uid", "gid", "size", "atime", "mtime", "ctime")
+        )
+        now = time.time_ns() if empty else None
         i = await self.fs.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
@@ -159,7 +166,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         self.fs.open(inode)
-        if flags & os.O_TRUNC and self.fs.getattr(inode).size:
+        if flags & os.O_TRUNC:  # stamps mtime and ctime even when already empty, as ext4
             await self.fs.setattr(inode, size=0)
         return pyfuse3.FileInfo(fh=inode)
 

@@ -49,6 +49,9 @@ from vaultsync.volume import ROOT_INO, Volume
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
+# The largest file: ext4's with 4 KiB blocks, so that applications (and conformance
+# suites) meet EFBIG where they would on a local disk rather than at 2**63.
+MAX_FILE_SIZE = (1 << 44) - 4096
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
@@ -491,6 +494,8 @@ class FileSystem:
                 raise FsError(errno.EISDIR)
             if not stat.S_ISREG(i.mode):
                 raise FsError(errno.EINVAL)
+            if size > MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG)
             await self._truncate(ino, size)
             if not self.kernel_cmtime:
                 mtime_ns = now if mtime_ns is None else mtime_ns
@@ -798,6 +803,10 @@ class FileSystem:
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         if offset < 0:
             raise FsError(errno.EINVAL)
+        if offset + len(data) > MAX_FILE_SIZE:
+            if offset >= MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG)
+            data = data[: MAX_FILE_SIZE - offset]  # a short write up to the limit, as ext4
         fd = self._data(ino)
         bs = self.block_size
         pos, view = offset, memoryview(data)
