@@ -522,3 +522,37 @@ def test_a_batch_of_records_lands_byte_for_byte_as_encoded(tmp_path: Path) -> No
     assert got == want
     assert j.read(locs[3]) == recs[3]
     j.close()
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the filesystem holding `path`, from /proc/mounts (longest prefix)."""
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, where, fstype, *_ = line.split()
+        if str(path).startswith(where.rstrip("/") + "/") and len(where) > len(best):
+            best, kind = where, fstype
+    return kind
+
+
+def test_read_if_cached_reads_hot_records_and_leaves_cold_ones(tmp_path: Path) -> None:
+    j = _open(tmp_path)
+    big = seg.Record(seg.RecordType.CHUNK, 1, 10, os.urandom(64 * 1024))
+    locs = j.append([big, _txn(1)])
+    j.sync()
+    assert j.read_if_cached(locs[0]) == big == j.read(locs[0])
+    assert j.read_if_cached(locs[1]) == _txn(1)
+    j.close()
+    # Out of the page cache, the read would wait for the disk: it is left to the caller.
+    fd = os.open(tmp_path / segment_name(1), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    got = j.read_if_cached(locs[0])
+    if _fs_type(tmp_path) in ("ext4", "xfs", "btrfs"):  # tmpfs pages are the storage itself
+        assert got is None
+    assert got in (None, big)
+    # A damaged record in the cache is an error, as with `read`, never wrong bytes.
+    _flip_byte(tmp_path / segment_name(1), locs[0].offset + 100)
+    with pytest.raises(CorruptRecordError):
+        j.read_if_cached(locs[0])

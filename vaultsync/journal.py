@@ -418,6 +418,28 @@ class Journal:
             buf = f.read(loc.length)
         return seg.decode_record(buf, f"{self.path(loc.segno)}@{loc.offset}")
 
+    def read_if_cached(self, loc: Location) -> seg.Record | None:
+        """The record, if every byte of it is in the page cache; None otherwise.
+
+        `RWF_NOWAIT` makes the read fail rather than wait for the disk, so the event
+        loop can take a hot record itself (a thread hand-off costs more than the
+        read here) and leave a cold one to a worker thread.
+        """
+        buf = bytearray(loc.length)
+        try:
+            fd = os.open(self.path(loc.segno), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            n = os.preadv(fd, [buf], loc.offset, os.RWF_NOWAIT)
+        except OSError:  # EAGAIN (not cached), or a filesystem without RWF_NOWAIT
+            return None
+        finally:
+            os.close(fd)
+        if n != loc.length:
+            return None
+        return seg.decode_record(bytes(buf), f"{self.path(loc.segno)}@{loc.offset}")
+
     def iter_committed(self, after_lsn: int = 0) -> Iterator[tuple[Location, seg.Record]]:
         """Every intact record of committed transactions with LSN > after_lsn, in order.
 
