@@ -237,7 +237,7 @@ def _raw_record(rtype: int, flags: int, reserved: int = 0, payload: bytes = b"p"
 
 @pytest.mark.parametrize(
     ("rtype", "flags", "reserved"),
-    [(0, 0, 0), (5, 0, 0), (255, 0, 0), (2, 0x04, 0), (1, 0x80, 0), (2, 0, 1)],
+    [(0, 0, 0), (5, 0, 0), (255, 0, 0), (2, 0x08, 0), (1, 0x80, 0), (2, 0, 1)],
 )
 def test_unknown_type_flags_or_reserved_are_refused(rtype: int, flags: int, reserved: int) -> None:
     raw = _raw_record(rtype, flags, reserved)

@@ -17,9 +17,18 @@ import threading
 import blake3
 import zstandard
 
+from vaultsync import patch
 from vaultsync.crypto import Sealer, VolumeKeys
 from vaultsync.errors import CorruptRecordError
-from vaultsync.segment import FLAG_ENCRYPTED, FLAG_ZSTD, Record, RecordType
+from vaultsync.patch import PatchPlan, Range
+from vaultsync.segment import (
+    FLAG_ENCRYPTED,
+    FLAG_PATCH,
+    FLAG_ZSTD,
+    Record,
+    RecordType,
+    patch_base,
+)
 
 CHUNK_ID_SIZE = 32
 _LSN = struct.Struct("<Q")
@@ -31,6 +40,18 @@ TXN_COMPRESS_MIN = 1024
 # zstd several times what hashing it does, for nothing.
 PROBE = 4096
 PROBE_ABOVE = 16 * 1024
+
+
+class PatchNeedsBase(Exception):
+    """A patch record was given to decode without its base's plaintext.
+
+    Not an error of the data: the reader fetches `base` (an ordinary chunk) and
+    decodes again with it.
+    """
+
+    def __init__(self, base: bytes) -> None:
+        super().__init__(f"patch of chunk {base.hex()[:16]}…")
+        self.base = base
 
 
 class Codec:
@@ -107,10 +128,19 @@ class Codec:
         stored, flags = self._seal(packed, flags, b"chunk" + cid)
         return cid, Record(RecordType.CHUNK, lsn, time_ns, cid + stored, flags)
 
-    def decode_chunk(
-        self, rec: Record, expect_id: bytes | None = None, limit: int = 1 << 27
-    ) -> bytes:
-        """Plaintext of a CHUNK record, verified against its id (and `expect_id`)."""
+    def patch_record(
+        self, data: bytes | memoryview, plan: PatchPlan, lsn: int, time_ns: int
+    ) -> tuple[bytes, Record]:
+        """The chunk id of `data` and a CHUNK record storing it as a patch of `plan.base`."""
+        cid = self.chunk_id(data)
+        plain = patch.encode(data, plan.keep, plan.ranges)
+        packed, flags = self._compress(plain)
+        stored, flags = self._seal(packed, flags, b"patch" + cid + plan.base)
+        payload = cid + plan.base + stored
+        return cid, Record(RecordType.CHUNK, lsn, time_ns, payload, flags | FLAG_PATCH)
+
+    def _chunk_plain(self, rec: Record, expect_id: bytes | None, limit: int) -> bytes:
+        """The stored plaintext of a CHUNK record: the chunk itself, or a patch."""
         if rec.type is not RecordType.CHUNK or len(rec.payload) < CHUNK_ID_SIZE:
             raise CorruptRecordError("not a chunk record")
         cid = rec.payload[:CHUNK_ID_SIZE]
@@ -118,11 +148,44 @@ class Codec:
             raise CorruptRecordError(
                 f"chunk record holds {cid.hex()[:16]}…, expected {expect_id.hex()[:16]}…"
             )
-        packed = self._open(rec.payload[CHUNK_ID_SIZE:], rec.flags, b"chunk" + cid)
-        data = self._decompress(packed, rec.flags, limit)
+        base = patch_base(rec)
+        if base is None:
+            packed = self._open(rec.payload[CHUNK_ID_SIZE:], rec.flags, b"chunk" + cid)
+        else:
+            stored = rec.payload[2 * CHUNK_ID_SIZE :]
+            packed = self._open(stored, rec.flags, b"patch" + cid + base)
+        return self._decompress(packed, rec.flags, limit)
+
+    def decode_chunk(
+        self,
+        rec: Record,
+        expect_id: bytes | None = None,
+        limit: int = 1 << 27,
+        base: bytes | None = None,
+    ) -> bytes:
+        """Plaintext of a CHUNK record, verified against its id (and `expect_id`).
+
+        A patch record needs `base`, the plaintext of the chunk it patches
+        (`PatchNeedsBase` says which one when it is missing).
+        """
+        base_id = patch_base(rec) if rec.type is RecordType.CHUNK else None
+        if base_id is not None and base is None:
+            raise PatchNeedsBase(base_id)
+        plain = self._chunk_plain(rec, expect_id, limit)
+        data = plain if base is None or base_id is None else patch.apply(base, plain)
+        cid = rec.payload[:CHUNK_ID_SIZE]
         if self.chunk_id(data) != cid:
             raise CorruptRecordError(f"chunk {cid.hex()[:16]}… does not match its hash")
         return data
+
+    def patch_info(self, rec: Record, limit: int = 1 << 27) -> tuple[bytes, int, list[Range]]:
+        """(base id, keep, ranges) of a patch record: decoded and checked for form, which
+        is all that can be checked of it without its base."""
+        base = patch_base(rec)
+        if base is None:
+            raise CorruptRecordError("not a patch record")
+        _length, keep, ranges, _pos = patch.parse(self._chunk_plain(rec, None, limit))
+        return base, keep, ranges
 
     # -- transactions -----------------------------------------------------
     def txn_record(self, body: bytes, lsn: int, time_ns: int) -> Record:

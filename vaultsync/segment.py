@@ -47,7 +47,11 @@ class RecordType(IntEnum):
 
 FLAG_ZSTD = 0x01
 FLAG_ENCRYPTED = 0x02
-_KNOWN_FLAGS = FLAG_ZSTD | FLAG_ENCRYPTED
+# CHUNK records only: the payload is a patch of another chunk (docs/format.md §6.3);
+# the base's 32-byte id follows the chunk's own id, in the clear.
+FLAG_PATCH = 0x04
+_KNOWN_FLAGS = FLAG_ZSTD | FLAG_ENCRYPTED | FLAG_PATCH
+CHUNK_ID_SIZE = 32
 
 
 def crc32(data: bytes | memoryview) -> int:
@@ -122,6 +126,13 @@ def encode_record(rec: Record) -> bytes:
     return b"".join(record_parts(rec))
 
 
+def patch_base(rec: Record) -> bytes | None:
+    """The id of the chunk a CHUNK record patches, or None for a whole chunk."""
+    if rec.flags & FLAG_PATCH:
+        return rec.payload[CHUNK_ID_SIZE : 2 * CHUNK_ID_SIZE]
+    return None
+
+
 def seal_payload(record_count: int, last_lsn: int) -> bytes:
     return _SEAL.pack(record_count, last_lsn)
 
@@ -157,6 +168,8 @@ def _decode_at(buf: memoryview, off: int) -> Record:
         )
     if flags & ~_KNOWN_FLAGS or reserved:
         raise NewerFormatError(f"unknown record flags {flags:#x}: written by a newer vaultsync")
+    if flags & FLAG_PATCH and (rtype != RecordType.CHUNK or length < 2 * CHUNK_ID_SIZE):
+        raise CorruptRecordError("a patch flag on a record that cannot be a patch")
     return Record(
         type=RecordType(rtype),
         lsn=lsn,
