@@ -44,7 +44,10 @@ async def fetch_chunk(shippers: list[Shipper], vol: Volume, loc: Location, cid: 
         try:
             raw = await sh.store.get(segment_key(loc.segno), (loc.offset, loc.offset + loc.length))
             rec = seg.decode_record(raw, f"{sh.name}:{segment_key(loc.segno)}@{loc.offset}")
-            data = vol.codec.decode_chunk(rec, expect_id=cid)
+            base_id = seg.patch_base(rec)
+            # A patch needs its base: read the usual way (locally, else from a target).
+            base = await vol.read_chunk(base_id) if base_id is not None else None
+            data = vol.codec.decode_chunk(rec, expect_id=cid, base=base)
         except (FormatError, CryptoError) as e:
             log.error("target %s holds a damaged copy of segment %d: %s", sh.name, loc.segno, e)
             bad.append(sh)

@@ -9,7 +9,7 @@ against a chunk that is about to go. One run:
 2. collects the live chunks: those the retained checkpoints' trees refer to,
    those any transaction of a retained replay range refers to, and those the
    current tree refers to (plus, through `Volume.gc_watch`, those any write
-   made during the run refers to);
+   made during the run refers to), and the base of every live patch chunk;
 3. writes `retained.json` to every target (readers refuse other points), then
    forgets the garbage chunks in the catalog, stores the live chunks of
    mostly-garbage segments again at the head (compaction), and deletes
@@ -185,6 +185,9 @@ class GarbageCollector:
         for _off, rec in seg.scan_segment(data, str(path)).records:
             if rec.type is seg.RecordType.CHUNK:
                 out.add(rec.payload[:_ID])
+                base = seg.patch_base(rec)
+                if base is not None:
+                    out.add(base)
             elif rec.type is seg.RecordType.TXN:
                 for op in Transaction.decode(self.vol.codec.decode_txn(rec)).ops:
                     if isinstance(op, SetBlocks):
@@ -241,6 +244,8 @@ class GarbageCollector:
         for n in replayed:
             live |= await in_background(self._segment_refs, n, n <= newest_sealed)
         live |= {bytes(r[0]) for r in vol.catalog.db.execute("SELECT DISTINCT chunk FROM blocks")}
+        # A live patch needs its base (format §6.3); bases are whole chunks, so one step.
+        live |= {base for pid, base in vol.catalog.patch_bases() if pid in live}
         report.live_chunks = len(live)
 
         candidates = [r for r in rows if r.segno not in whole and r.segno <= shipped_upto]

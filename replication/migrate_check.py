@@ -3,7 +3,9 @@
 A migration must never be a trust-me copy: each kind is checked by what it
 means, not only by a transport checksum. Segments are parsed and every chunk
 record is decoded and checked against its id (BLAKE3, docs/format.md §6.1),
-every transaction decrypted/decompressed; checkpoints are decoded as records;
+except a patch whose base lies in an earlier segment, which is decoded and
+checked for form (and authenticity, encrypted) alone; every transaction
+decrypted/decompressed; checkpoints are decoded as records;
 small JSON objects are parsed and must name what their key names; kinds this
 version does not know are checked by the MD5 their source listed.
 
@@ -54,10 +56,21 @@ def check_segment(data: bytes, segno: int, header: VolumeHeader, codec: Codec) -
     if not scan.sealed or scan.stop_reason:
         raise CheckFailed(f"{where}: damaged ({scan.stop_reason or 'not sealed'})")
     last_lsn = 0
+    # Bases of the patches here that are stored here too: those patches are checked whole.
+    want = {b for _o, r in scan.records if (b := seg.patch_base(r)) is not None}
+    bases: dict[bytes, bytes] = {}
     try:
         for _off, rec in scan.records:
             if rec.type is seg.RecordType.CHUNK:
-                codec.decode_chunk(rec)  # raises unless the plaintext hashes to its id
+                base_id = seg.patch_base(rec)
+                if base_id is None:
+                    plain = codec.decode_chunk(rec)  # raises unless it hashes to its id
+                    if rec.payload[:32] in want:
+                        bases[rec.payload[:32]] = plain
+                elif base_id in bases:
+                    codec.decode_chunk(rec, base=bases[base_id])
+                else:  # its base is in an earlier segment: form (and tag, encrypted) only
+                    codec.patch_info(rec)
             elif rec.type is seg.RecordType.TXN:
                 codec.decode_txn(rec)
             elif rec.type is seg.RecordType.SEAL:

@@ -3,7 +3,9 @@
 Blocks written whole are kept as immutable bytes and turned into a bytearray by
 the first partial write; whatever the mix of whole writes, partial writes,
 flush snapshots and truncates, every block must read back as the model says,
-and a flush must hand over exactly the model's content.
+and a flush must hand over exactly the model's content. A block loaded from a
+stored chunk must, at the flush, be exactly that chunk patched with the origin
+FileData kept for it (what lets the flush store it as a patch).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vaultsync import patch
 from vaultsync.filedata import FileData
 
 BS = 16
@@ -40,6 +43,7 @@ def test_blocks_read_back_as_written(seq: list[Op]) -> None:
     fd = FileData(BS, 0)
     dirty: dict[int, bytearray] = {}  # the model: what FileData holds
     stored: dict[int, bytes] = {}  # what a flush committed (the catalog's part)
+    loaded: dict[int, bytes] = {}  # the stored content a dirty block was loaded from
     for kind, a, off, data in seq:
         if kind == "whole":
             fd.put_whole(a, memoryview(data))
@@ -48,15 +52,23 @@ def test_blocks_read_back_as_written(seq: list[Op]) -> None:
             data = data[: BS - off]
             if not fd.has_dirty(a):  # as filesystem.write: load the base first
                 base = fd.peek(a)
-                fd.start_block(a, stored.get(a, b"") if base is None else bytes(base))
+                if base is None and a in stored:
+                    fd.start_block(a, stored[a], origin=bytes([a]) * 32)
+                    loaded[a] = stored[a]
+                else:
+                    fd.start_block(a, b"" if base is None else bytes(base))
             fd.patch(a, off, memoryview(data))
             cur = dirty.setdefault(a, bytearray(stored.get(a, b"")))
             if off > len(cur):
                 cur.extend(bytes(off - len(cur)))
             cur[off : off + len(data)] = data
         elif kind == "flush":
-            snap = fd.take_dirty()
+            snap, origins = fd.take_dirty()
             assert {b: bytes(v) for b, v in snap.items()} == {b: bytes(v) for b, v in dirty.items()}
+            for b, o in origins.items():
+                assert o.cid == bytes([b]) * 32
+                assert patch.apply(loaded[b], patch.encode(snap[b], o.keep, o.ranges)) == snap[b]
+            loaded.clear()
             fd.done_flushing(snap)
             stored.update({b: bytes(v) for b, v in dirty.items()})
             dirty.clear()

@@ -1,7 +1,9 @@
 """Garbage collection against real targets: every retained point still recovers, exactly.
 
 Random histories (hypothesis) of writes, overwrites with shared content (so
-GC meets deduplication), deletes, snapshots, checkpoints and GC runs, with GC
+GC meets deduplication), patches (blocks stored as the bytes that differ from
+another chunk, whose base GC must keep), deletes, snapshots, checkpoints and
+GC runs, with GC
 running concurrently with the writes. Afterwards, at each target, every point
 `retained.json` promises rebuilds from that target alone and holds exactly
 the tree the writer had at that LSN; every other point is refused with a
@@ -34,6 +36,7 @@ from tests.test_recovery import PointMount, _targets_toml
 from vaultsync.config import Config
 from vaultsync.layout import checkpoint_key, parse_segment_key
 from vaultsync.objectstore import ObjectStore
+from vaultsync.patch import PatchPlan
 from vaultsync.providers import LocalProvider
 from vaultsync.recovery import (
     PointError,
@@ -56,6 +59,8 @@ steps = st.lists(
         *[st.tuples(st.just("write"), st.integers(0, 4), st.lists(st.integers(0, 5), max_size=3))]
         * 4,
         st.tuples(st.just("delete"), st.integers(0, 4)),
+        *[st.tuples(st.just("patch"), st.integers(0, 4), st.integers(0, 5), st.integers(0, 29_900))]
+        * 2,
         st.tuples(st.just("snapshot")),
         st.tuples(st.just("checkpoint")),
         st.tuples(st.just("gc")),
@@ -105,6 +110,24 @@ class Writer:
         self.tree[name] = b"".join(datas)
         self.record()
 
+    async def patch(self, slot: int, base: int, off: int) -> None:
+        """File `slot` becomes POOL[base] with 100 bytes changed, stored as a patch of that
+        chunk if the catalog still has it (else whole: the volume's own fallback)."""
+        ino, name = 100 + slot, f"f{slot}".encode()
+        data = bytearray(POOL[base])
+        data[off : off + 100] = bytes((off + k) % 256 for k in range(100))
+        plan = PatchPlan(self.vol.codec.chunk_id(POOL[base]), len(data), ((off, 100),))
+        prepared = await self.vol.prepare_chunks([bytes(data)], [plan])
+        ops = [
+            SetInode(ino=ino, mode=0o100644, size=len(data), nlink=1),
+            SetDirent(parent=ROOT_INO, name=name, ino=ino),
+            SetBlocks(ino=ino, blocks=((0, prepared[0].id.hex(), len(data)),)),
+            TruncateBlocks(ino=ino, first=1),
+        ]
+        self.vol.commit_nowait(ops, prepared)
+        self.tree[name] = bytes(data)
+        self.record()
+
     async def delete(self, slot: int) -> None:
         name = f"f{slot}".encode()
         if name not in self.tree:
@@ -133,6 +156,8 @@ class Writer:
                 await self.write(slot, blocks)
             case ("delete", int(slot)):
                 await self.delete(slot)
+            case ("patch", int(slot), int(base), int(off)):
+                await self.patch(slot, base, off)
             case ("snapshot",):
                 await self.snapshot()
             case ("checkpoint",):

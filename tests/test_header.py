@@ -43,7 +43,7 @@ def _doc(h: VolumeHeader) -> dict[str, Any]:
 def test_new_unencrypted_header() -> None:
     h = new_header("demo", 1 << 20, 3)
     assert h.encryption is None
-    assert h.format_version == FORMAT_VERSION == 1
+    assert h.format_version == FORMAT_VERSION == 2
     assert (h.name, h.chunk_size, h.compression_level) == ("demo", 1 << 20, 3)
     u = uuid.UUID(bytes=h.volume_id)
     assert u.version == 4
@@ -59,7 +59,7 @@ def test_header_json_matches_format_doc() -> None:
     d = _doc(h)
     assert d == {
         "format": "vaultsync-volume",
-        "format_version": 1,
+        "format_version": 2,
         "volume_id": str(uuid.UUID(bytes=h.volume_id)),
         "name": "demo",
         "created_at": h.created_at,
@@ -226,7 +226,7 @@ def test_the_format_doc_example_parses() -> None:
     )
 
 
-@pytest.mark.parametrize("version", [2, 99])
+@pytest.mark.parametrize("version", [3, 99])
 def test_newer_format_version_is_refused_with_upgrade_hint(version: int) -> None:
     d = _doc(_encrypted())
     d["format_version"] = version

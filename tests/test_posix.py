@@ -1345,7 +1345,7 @@ async def test_failed_flush_keeps_the_data_dirty(fs: FileSystem) -> None:
     await fs.write(ino, 5, b"precious")
     real = fs.vol.prepare_chunks
 
-    async def broken(blocks: Any) -> Any:
+    async def broken(blocks: Any, plans: Any = ()) -> Any:
         raise OSError(errno.ENOSPC, "disk full")
 
     fs.vol.prepare_chunks = broken  # type: ignore[method-assign]
@@ -1383,9 +1383,9 @@ async def test_flush_commits_only_the_size_its_blocks_make(fs: FileSystem) -> No
     gate = asyncio.Event()
     real = fs.vol.prepare_chunks
 
-    async def slow(blocks: Any) -> Any:
+    async def slow(blocks: Any, plans: Any = ()) -> Any:
         await gate.wait()
-        return await real(blocks)
+        return await real(blocks, plans)
 
     fs.vol.prepare_chunks = slow  # type: ignore[method-assign]
     flushing = asyncio.ensure_future(fs.flush(ino))

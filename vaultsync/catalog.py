@@ -10,6 +10,9 @@ queried. Invariants:
   after its records were written to the journal (volume.py keeps this).
 - A chunk is in `chunks` only if a committed transaction stored it, so a
   deduplicated write never points at a chunk that recovery could cut.
+- A chunk stored as a patch names its `base` (docs/format.md §6.3); the base is
+  a whole chunk and stays in `chunks` as long as the patch does (GC counts the
+  bases of live patches as live: `referenced`, `patch_bases`).
 
 The catalog is plain sqlite3 used from the event-loop thread, not aiosqlite
 (which the first design named): a point query costs ~4 µs here against ~240 µs
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from vaultsync.journal import Location
+from vaultsync.segment import CHUNK_ID_SIZE, Record, patch_base
 from vaultsync.txn import (
     DropDirent,
     DropInode,
@@ -43,7 +47,10 @@ from vaultsync.txn import (
     TruncateBlocks,
 )
 
-SCHEMA_VERSION = 1
+# 2: chunks.base (patch chunks). A version-1 catalog or checkpoint image is upgraded
+# in place when opened (`_upgrade`); it holds no patches, so every base is NULL.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -66,7 +73,7 @@ CREATE TABLE IF NOT EXISTS xattrs(
     PRIMARY KEY(ino, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks(
     id BLOB PRIMARY KEY, segno INTEGER NOT NULL, offset INTEGER NOT NULL,
-    length INTEGER NOT NULL, lsn INTEGER NOT NULL) WITHOUT ROWID;
+    length INTEGER NOT NULL, lsn INTEGER NOT NULL, base BLOB) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS segments(
     segno INTEGER PRIMARY KEY, first_lsn INTEGER, last_lsn INTEGER, size INTEGER NOT NULL,
     sealed INTEGER NOT NULL DEFAULT 0, sealed_ns INTEGER);
@@ -105,6 +112,19 @@ class StoredChunk:
     id: bytes
     location: Location
     lsn: int
+    base: bytes | None = None  # the chunk it patches, for a patch record
+
+    @classmethod
+    def of(cls, rec: Record, location: Location) -> StoredChunk:
+        """The catalog row a CHUNK record makes, wherever it was read or written."""
+        return cls(rec.payload[:CHUNK_ID_SIZE], location, rec.lsn, patch_base(rec))
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Bring a version-1 catalog (or checkpoint image) to this schema."""
+    cols = [r[1] for r in db.execute("PRAGMA table_info(chunks)")]
+    if cols and "base" not in cols:
+        db.execute("ALTER TABLE chunks ADD COLUMN base BLOB")
 
 
 class Catalog:
@@ -137,9 +157,11 @@ class Catalog:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=OFF")
+        _upgrade(db)
         db.executescript(_SCHEMA)
+        db.execute("CREATE INDEX IF NOT EXISTS chunks_by_base ON chunks(base) WHERE base NOT NULL")
         cat = cls(db)
-        if cat.get_meta("schema_version") is None:
+        if cat.get_meta("schema_version") != SCHEMA_VERSION:
             cat.set_meta("schema_version", SCHEMA_VERSION)
         cat._last_lsn = int(cat.get_meta("last_lsn") or 0)
         cat._max_ino = int(cat.get_meta("max_ino") or 0)
@@ -209,10 +231,17 @@ class Catalog:
                 # REPLACE: a chunk stored again (moved by GC compaction, or written anew
                 # after GC dropped it) lives where its newest record is.
                 self.db.executemany(
-                    "INSERT OR REPLACE INTO chunks(id, segno, offset, length, lsn) "
-                    "VALUES(?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO chunks(id, segno, offset, length, lsn, base) "
+                    "VALUES(?, ?, ?, ?, ?, ?)",
                     [
-                        (c.id, c.location.segno, c.location.offset, c.location.length, c.lsn)
+                        (
+                            c.id,
+                            c.location.segno,
+                            c.location.offset,
+                            c.location.length,
+                            c.lsn,
+                            c.base,
+                        )
                         for c in chunks
                     ],
                 )
@@ -325,6 +354,16 @@ class Catalog:
         row = self._one("SELECT segno, offset, length FROM chunks WHERE id=?", (cid,))
         return None if row is None else Location(row[0], row[1], row[2])
 
+    def chunk_base(self, cid: bytes) -> bytes | None:
+        """The chunk `cid` patches, or None (a whole chunk, or not in the catalog)."""
+        row = self._one("SELECT base FROM chunks WHERE id=?", (cid,))
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def patch_bases(self) -> list[tuple[bytes, bytes]]:
+        """(patch id, base id) of every patch chunk: a base is live whenever its patch is."""
+        rows = self.db.execute("SELECT id, base FROM chunks WHERE base NOT NULL")
+        return [(bytes(r[0]), bytes(r[1])) for r in rows]
+
     def chunk_locations(self, ids: Iterable[bytes]) -> dict[bytes, Location]:
         """Where each of `ids` is stored (absent: not in the catalog), in few queries:
         a batched read costs one query per 500 chunks instead of one per chunk."""
@@ -357,12 +396,18 @@ class Catalog:
         return [(bytes(r[0]), int(r[1]), int(r[2])) for r in rows]
 
     def referenced(self, ids: Iterable[bytes]) -> set[bytes]:
-        """Which of `ids` a block of the current tree refers to."""
+        """Which of `ids` the current tree needs: a block refers to it, or to a patch of it."""
         ids = list(ids)
         found: set[bytes] = set()
         for i in range(0, len(ids), 500):
             part = ids[i : i + 500]
-            q = f"SELECT DISTINCT chunk FROM blocks WHERE chunk IN ({','.join('?' * len(part))})"
+            marks = ",".join("?" * len(part))
+            q = f"SELECT DISTINCT chunk FROM blocks WHERE chunk IN ({marks})"
+            found.update(bytes(r[0]) for r in self.db.execute(q, part))
+            q = (
+                f"SELECT DISTINCT c.base FROM chunks c WHERE c.base IN ({marks}) "
+                "AND EXISTS (SELECT 1 FROM blocks b WHERE b.chunk = c.id)"
+            )
             found.update(bytes(r[0]) for r in self.db.execute(q, part))
         return found
 

@@ -7,11 +7,32 @@ A block lives in at most one of `blocks` (dirty, written since the last flush
 began) and the newest `inflight` snapshot (handed to a flush that has not
 committed yet); reads look in `blocks`, then `inflight`, then the catalog, so
 a flush in progress never makes data disappear.
+
+A dirty block loaded from a stored chunk also has an `Origin` while its changes
+stay small: that chunk, how many of its first bytes the block still holds
+(`keep`) and the ranges written since. INVARIANT: the block equals the origin
+chunk's first `keep` bytes, zero-extended, with `ranges` of its own bytes over
+them, which is what lets the flush store it as a patch (vaultsync/patch.py).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+
+from vaultsync.patch import Range, add_range, clip
+
+# A block whose changes exceed this share of it (or this many ranges) is stored whole.
+PATCH_SHARE = 4
+PATCH_RANGES = 64
+
+
+@dataclass
+class Origin:
+    cid: bytes
+    keep: int
+    ranges: list[Range] = field(default_factory=list)
+    size: int = 0  # bytes in ranges
 
 
 class FileData:
@@ -23,6 +44,7 @@ class FileData:
         # flush); a partial write turns it into a bytearray to patch.
         self.blocks: dict[int, bytes | bytearray] = {}
         self.inflight: dict[int, bytes] = {}
+        self.origins: dict[int, Origin] = {}  # dirty blocks that may be stored as patches
         self.mtime_ns = 0  # 0: unchanged since the catalog's value
         self.ctime_ns = 0
         self.dirty_since = 0.0
@@ -49,9 +71,15 @@ class FileData:
             return bytes(b)
         return self.inflight.get(blockno)
 
-    def start_block(self, blockno: int, base: bytes) -> int:
-        """Begin dirtying a block from its current content; returns bytes added."""
+    def start_block(self, blockno: int, base: bytes, origin: bytes | None = None) -> int:
+        """Begin dirtying a block from its current content; returns bytes added.
+
+        `origin`: the id of the stored chunk `base` is the content of (None when it
+        is not one: a fresh block, or bytes of a flush still in flight).
+        """
         self.blocks[blockno] = bytearray(base)
+        if origin is not None:
+            self.origins[blockno] = Origin(origin, len(base))
         if not self.dirty_since:
             self.dirty_since = time.monotonic()
         return len(base)
@@ -60,6 +88,7 @@ class FileData:
         """A write covering the whole block: its bytes replace whatever it held."""
         old = self.blocks.get(blockno)
         self.blocks[blockno] = bytes(data)
+        self.origins.pop(blockno, None)
         if not self.dirty_since:
             self.dirty_since = time.monotonic()
         return len(data) - (len(old) if old is not None else 0)
@@ -71,8 +100,14 @@ class FileData:
             buf = self.blocks[blockno] = bytearray(buf)
         before = len(buf)
         if offset > before:
-            buf.extend(bytes(offset - before))
+            buf.extend(bytes(offset - before))  # past `keep`: zeros in a patch too
         buf[offset : offset + len(data)] = data
+        o = self.origins.get(blockno)
+        if o is not None:
+            add_range(o.ranges, offset, len(data))
+            o.size = sum(n for _o, n in o.ranges)
+            if o.size * PATCH_SHARE > self.block_size or len(o.ranges) > PATCH_RANGES:
+                del self.origins[blockno]  # too much changed: whole is cheaper to read
         return len(buf) - before
 
     def extend_to(self, end: int, now_ns: int | None) -> None:
@@ -85,16 +120,20 @@ class FileData:
         if not self.dirty_since:
             self.dirty_since = time.monotonic()
 
-    def take_dirty(self, which: list[int] | None = None) -> dict[int, bytes]:
-        """Snapshot dirty blocks (all, or `which`) for a flush; they stay readable in flight."""
+    def take_dirty(
+        self, which: list[int] | None = None
+    ) -> tuple[dict[int, bytes], dict[int, Origin]]:
+        """Snapshot dirty blocks (all, or `which`) for a flush, with the origins of those
+        that may be stored as patches; the blocks stay readable in flight."""
         chosen = list(self.blocks) if which is None else [b for b in which if b in self.blocks]
         snap = {b: bytes(self.blocks.pop(b)) for b in chosen}
+        origins = {b: o for b in chosen if (o := self.origins.pop(b, None)) is not None}
         self.epoch += 1
         self.inflight.update(snap)
         if not self.blocks:
             self.size_dirty = False
             self.dirty_since = 0.0
-        return snap
+        return snap, origins
 
     def done_flushing(self, snap: dict[int, bytes]) -> None:
         for b, data in snap.items():
@@ -127,11 +166,18 @@ class FileData:
         for table in (self.blocks, self.inflight):
             for b in [b for b in table if b * bs >= size]:
                 del table[b]
+        for b in [b for b in self.origins if b * bs >= size]:
+            del self.origins[b]
         last = size // bs
         for table2 in (self.blocks,):
             buf = table2.get(last)
             if buf is not None and len(buf) > size % bs:
                 table2[last] = buf[: size % bs]
+                o = self.origins.get(last)
+                if o is not None:
+                    o.keep = min(o.keep, size % bs)
+                    o.ranges = clip(o.ranges, size % bs)
+                    o.size = sum(n for _o, n in o.ranges)
         if last in self.inflight and len(self.inflight[last]) > size % bs:
             self.inflight[last] = self.inflight[last][: size % bs]
         self.size = self.stored_size = size

@@ -33,7 +33,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from vaultsync.catalog import Inode
-from vaultsync.filedata import FileData
+from vaultsync.filedata import PATCH_RANGES, PATCH_SHARE, FileData, Origin
+from vaultsync.patch import PatchPlan, rebase
 from vaultsync.txn import (
     DropDirent,
     DropInode,
@@ -820,18 +821,23 @@ class FileSystem:
                 continue
             while not fd.has_dirty(b):
                 epoch = fd.epoch
+                origin = None
                 if b * bs >= fd.stored_size and b not in fd.inflight:
                     # Nothing stored there yet, and no flush holds it: a fresh block.
                     # (A block in flight has content the catalog does not show yet.)
                     base = b""
                 elif inner == 0 and b not in fd.inflight and take >= self._stored_len(ino, b):
                     base = b""  # the write replaces everything the block holds
-                else:
+                elif fd.peek(b) is not None:
                     base = await self._block(ino, b)
+                else:  # the stored chunk: the block may go back as a patch of it
+                    ref = self.cat.block(ino, b)
+                    base = await self._stored_block(ino, b, {b: ref} if ref else {})
+                    origin = ref[0] if ref is not None and len(base) == ref[1] else None
                 cur = self._data(ino)  # it may have been flushed and dropped meanwhile
                 if cur is fd and fd.epoch == epoch:
                     if not fd.has_dirty(b):
-                        self.dirty_bytes += fd.start_block(b, base)
+                        self.dirty_bytes += fd.start_block(b, base, origin)
                     break
                 fd = cur  # a flush or truncate ran while we read: `base` may be stale
             self.dirty_bytes += fd.patch(b, inner, view[:take])
@@ -881,7 +887,7 @@ class FileSystem:
     WARM_AFTER_FLUSH = 1 << 20
 
     async def _flush_batch(self, ino: int, fd: FileData, batch: list[int]) -> None:
-        snap = fd.take_dirty(batch)
+        snap, origins = fd.take_dirty(batch)
         # The size these blocks make: writes that land while we encode are not in
         # the snapshot, and committing their size now would expose zeros after a crash.
         # Neither may a size reaching past a block still dirty (a later batch's) that
@@ -892,7 +898,8 @@ class FileSystem:
         self.dirty_bytes -= sum(len(v) for v in snap.values())
         committed = False
         try:
-            prepared = await self.vol.prepare_chunks(list(snap.values()))
+            plans = [await self._patch_plan(origins.get(b), data) for b, data in snap.items()]
+            prepared = await self.vol.prepare_chunks(list(snap.values()), plans)
             i = self.cat.inode(ino)
             if i is None:
                 committed = True  # unlinked and released meanwhile: nothing to keep
@@ -920,6 +927,20 @@ class FileSystem:
             else:  # keep the data readable and dirty: a later flush retries it
                 self.dirty_bytes += fd.flush_failed(snap)
 
+    async def _patch_plan(self, origin: Origin | None, data: bytes) -> PatchPlan | None:
+        """How to store `data` as a patch of the chunk it was loaded from, when that is
+        worth it (far fewer bytes than the block); None: store it whole."""
+        if origin is None or origin.keep == 0 or not getattr(self.vol, "writes_patches", False):
+            return None
+        plan = PatchPlan(origin.cid, origin.keep, tuple(origin.ranges))
+        inner = await self.vol.patch_plan(origin.cid)
+        if inner is not None:  # patch the origin's base, never a patch (format §6.3)
+            plan = replace(rebase(plan, inner.keep, inner.ranges), base=inner.base)
+        small = plan.patched_bytes * 2 <= len(data)
+        if not small or plan.patched_bytes * PATCH_SHARE > self.block_size:
+            return None
+        return plan if len(plan.ranges) <= PATCH_RANGES else None
+
     def _drop_if_clean(self, ino: int) -> None:
         """Forget a closed file's buffer once nothing in it is unflushed."""
         fd = self.files.get(ino)
@@ -939,10 +960,13 @@ class FileSystem:
                 ops.append(TruncateBlocks(ino, keep_blocks))
                 tail = size % bs
                 prepared = []
-                if tail:
-                    last = await self._stored_block(ino, size // bs)
+                ref = self.cat.block(ino, size // bs) if tail else None
+                if ref is not None:
+                    last = await self._stored_block(ino, size // bs, {size // bs: ref})
                     if len(last) > tail:
-                        prepared = await self.vol.prepare_chunks([last[:tail]])
+                        # Cut inside a block: a patch keeping its first `tail` bytes.
+                        plan = await self._patch_plan(Origin(ref[0], tail), last[:tail])
+                        prepared = await self.vol.prepare_chunks([last[:tail]], [plan])
                         ops.append(SetBlocks(ino, ((size // bs, prepared[0].id.hex(), tail),)))
             else:
                 prepared = []

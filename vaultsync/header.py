@@ -21,7 +21,9 @@ from vaultsync import crypto
 from vaultsync.errors import CryptoError, FormatError, NewerFormatError
 
 FORMAT_NAME = "vaultsync-volume"
-FORMAT_VERSION = 1
+# 2: chunks may be stored as patches of other chunks (docs/format.md §6.3). Volumes
+# of version 1 are read as they are and never get patch records.
+FORMAT_VERSION = 2
 HEADER_KEY = "volume.json"
 
 

@@ -103,7 +103,7 @@ def encode(block: bytes | memoryview, keep: int, ranges: Sequence[Range]) -> byt
     length = len(block)
     _check(length, keep, ranges)
     mv = memoryview(block)
-    parts = [_HEAD.pack(length, keep, len(ranges))]
+    parts: list[bytes | memoryview] = [_HEAD.pack(length, keep, len(ranges))]
     parts += [_RANGE.pack(o, n) for o, n in ranges]
     parts += [mv[o : o + n] for o, n in ranges]
     return b"".join(parts)

@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vaultsync import segment as seg
-from vaultsync.catalog import SCHEMA_VERSION, Catalog, StoredChunk
-from vaultsync.chunks import Codec
+from vaultsync.catalog import READABLE_SCHEMAS, Catalog, StoredChunk
+from vaultsync.chunks import Codec, PatchNeedsBase
 from vaultsync.crypto import VolumeKeys
 from vaultsync.errors import CryptoError, FormatError, VaultsyncError, VolumeError
 from vaultsync.header import VolumeHeader
@@ -47,6 +47,7 @@ from vaultsync.retention import Retained
 from vaultsync.snapshots import snapshot_key
 from vaultsync.targets import read_remote_header
 from vaultsync.txn import Transaction
+from vaultsync.volume import decode_patches
 
 
 class PointError(VaultsyncError):
@@ -288,7 +289,7 @@ async def rebuild(
             raise FormatError(f"target {store.name!r}: {key} holds LSN {rec.lsn}")
         image = await asyncio.to_thread(codec.decode_checkpoint, rec)
         await asyncio.to_thread(cat_path.write_bytes, image)
-        if _image_schema(cat_path) != SCHEMA_VERSION:  # another catalog layout: replay instead
+        if _image_schema(cat_path) not in READABLE_SCHEMAS:  # unknown layout: replay instead
             cat_path.unlink()
             ckpt = None
     # A catalog rebuilt from scratch: no journal on disk, no fsync until it is whole.
@@ -327,9 +328,7 @@ async def rebuild(
         pending: list[StoredChunk] = []
         for off, rec in scan.records:
             if rec.type is seg.RecordType.CHUNK:
-                pending.append(
-                    StoredChunk(rec.payload[:32], Location(segno, off, rec.size), rec.lsn)
-                )
+                pending.append(StoredChunk.of(rec, Location(segno, off, rec.size)))
             elif rec.type is seg.RecordType.TXN:
                 if rec.lsn <= result.lsn:
                     pending = []
@@ -496,7 +495,9 @@ class RecoveredVolume:
         if raw is None:
             raise VolumeError(f"chunk {cid.hex()[:16]}… was moved too often to follow")
         rec = seg.decode_record(raw, f"target {self.store.name!r} segment {loc.segno}")
-        return await asyncio.to_thread(self.codec.decode_chunk, rec, cid)
+        base_id = seg.patch_base(rec)
+        base = await self.read_chunk(base_id) if base_id is not None else None
+        return await asyncio.to_thread(self.codec.decode_chunk, rec, cid, base=base)
 
     async def read_chunks(self, cids: Sequence[bytes]) -> list[bytes]:
         """Several chunks at once: what a sequential read or a restore asks for.
@@ -521,12 +522,16 @@ class RecoveredVolume:
                     cached[loc.segno] = self.cache.has(loc.segno)
                 (local if cached[loc.segno] else remote).append((i, loc))
 
+        patches: list[tuple[int, seg.Record, bytes]] = []  # decoded once bases are read
+
         def decode(span: bytes, start: int, run: list[tuple[int, Location]]) -> None:
             for i, loc in run:
                 raw = span[loc.offset - start : loc.offset - start + loc.length]
                 try:
                     rec = seg.decode_record(raw, f"segment {loc.segno}@{loc.offset}")
                     out[i] = self.codec.decode_chunk(rec, expect_id=cids[i])
+                except PatchNeedsBase as p:
+                    patches.append((i, rec, p.base))
                 except (FormatError, CryptoError):
                     pass  # read_chunk below says what is wrong
 
@@ -558,6 +563,8 @@ class RecoveredVolume:
         if local:
             jobs.append(asyncio.to_thread(read_local))
         await asyncio.gather(*jobs)
+        if patches:
+            await decode_patches(self.codec, patches, cids, out, self.read_chunks)
         return [
             g if g is not None else await self.read_chunk(c) for g, c in zip(out, cids, strict=True)
         ]

@@ -38,11 +38,12 @@ from pathlib import Path
 
 from vaultsync import segment as seg
 from vaultsync.catalog import Catalog, StoredChunk
-from vaultsync.chunks import Codec
+from vaultsync.chunks import Codec, PatchNeedsBase
 from vaultsync.crypto import VolumeKeys
 from vaultsync.errors import CryptoError, FormatError, ReadOnlyVolumeError, VolumeError
 from vaultsync.header import HEADER_KEY, VolumeHeader
 from vaultsync.journal import Journal, Location, RecoveryReport
+from vaultsync.patch import PatchPlan
 from vaultsync.txn import Op, SetBlocks, SetInode, Transaction
 
 ROOT_INO = 1
@@ -57,6 +58,34 @@ class PreparedChunk:
     id: bytes
     length: int
     record: seg.Record
+    # A patch: the chunk it patches, and the block itself, stored whole instead should
+    # the base be gone from the catalog by the commit (GC dropped it meanwhile).
+    base: bytes | None = None
+    data: bytes | None = None
+
+
+async def decode_patches(
+    codec: Codec,
+    patches: Sequence[tuple[int, seg.Record, bytes]],
+    cids: Sequence[bytes],
+    out: list[bytes | None],
+    read_chunks: Callable[[Sequence[bytes]], Awaitable[list[bytes]]],
+) -> None:
+    """Decode the patch records a batched read met (`(index, record, base id)`) into
+    `out`, their bases read in one more batch. One that fails stays None: the caller
+    reads it again one by one, the way that says what is wrong."""
+    wanted = list(dict.fromkeys(b for _i, _r, b in patches))
+    try:
+        bases = dict(zip(wanted, await read_chunks(wanted), strict=True))
+    except (VolumeError, FormatError, CryptoError, OSError):
+        return
+
+    def work() -> None:
+        for i, rec, base in patches:
+            with contextlib.suppress(FormatError, CryptoError):
+                out[i] = codec.decode_chunk(rec, expect_id=cids[i], base=bases[base])
+
+    await asyncio.to_thread(work)
 
 
 def has_volume(state_dir: Path) -> bool:
@@ -119,6 +148,7 @@ class Volume:
         # While GC decides what is garbage, every chunk id a new transaction refers to
         # is noted here, so that GC never drops a chunk a concurrent write just reused.
         self.gc_watch: set[bytes] | None = None
+        self._plans: dict[bytes, PatchPlan] = {}  # patch chunk id -> how it was made
 
     # -- lifecycle ----------------------------------------------------------
     @classmethod
@@ -219,7 +249,7 @@ class Volume:
         pending: list[StoredChunk] = []
         for loc, rec in records:
             if rec.type is seg.RecordType.CHUNK:
-                pending.append(StoredChunk(rec.payload[:32], loc, rec.lsn))
+                pending.append(StoredChunk.of(rec, loc))
             elif rec.type is seg.RecordType.TXN:
                 body = self.codec.decode_txn(rec)
                 self.catalog.apply(rec.lsn, Transaction.decode(body), pending)
@@ -246,27 +276,72 @@ class Volume:
     INLINE_READ = 128 * 1024
     PARALLEL_PREPARE = 1 << 20
 
-    async def prepare_chunks(self, blocks: Sequence[bytes]) -> list[PreparedChunk]:
-        """Hash, compress, encrypt; big work goes to a thread (the libraries release the GIL)."""
+    async def prepare_chunks(
+        self, blocks: Sequence[bytes], plans: Sequence[PatchPlan | None] = ()
+    ) -> list[PreparedChunk]:
+        """Hash, compress, encrypt; big work goes to a thread (the libraries release the GIL).
 
-        def work(part: Sequence[bytes]) -> list[PreparedChunk]:
+        `plans[i]`, when given and not None, stores block i as a patch of `plan.base`.
+        """
+        todo = list(zip(blocks, list(plans) + [None] * (len(blocks) - len(plans)), strict=True))
+
+        def work(part: Sequence[tuple[bytes, PatchPlan | None]]) -> list[PreparedChunk]:
             out = []
-            for data in part:
-                cid, rec = self.codec.chunk_record(data, 0, 0)
-                out.append(PreparedChunk(cid, len(data), rec))
+            for data, plan in part:
+                if plan is None:
+                    cid, rec = self.codec.chunk_record(data, 0, 0)
+                    out.append(PreparedChunk(cid, len(data), rec))
+                else:
+                    cid, rec = self.codec.patch_record(data, plan, 0, 0)
+                    out.append(PreparedChunk(cid, len(data), rec, plan.base, data))
+                    self._remember_plan(cid, plan)
             return out
 
         total = sum(len(b) for b in blocks)
         if total <= self.INLINE_PREPARE:
-            return work(blocks)
+            return work(todo)
         if total < self.PARALLEL_PREPARE or len(blocks) < 2:
-            return await asyncio.to_thread(work, blocks)
+            return await asyncio.to_thread(work, todo)
         # Hashing and compression release the GIL: use the cores.
-        half = len(blocks) // 2
+        half = len(todo) // 2
         a, b = await asyncio.gather(
-            asyncio.to_thread(work, blocks[:half]), asyncio.to_thread(work, blocks[half:])
+            asyncio.to_thread(work, todo[:half]), asyncio.to_thread(work, todo[half:])
         )
         return a + b
+
+    @property
+    def writes_patches(self) -> bool:
+        """Volumes of format version 2 and later may hold patch chunks (§6.3)."""
+        return self.header.format_version >= 2
+
+    PLAN_MEMORY = 4096
+
+    def _remember_plan(self, cid: bytes, plan: PatchPlan) -> None:
+        # A chunk's content never changes, so neither does what it is relative to its
+        # base: a remembered plan stays true whatever happens to the record.
+        if len(self._plans) >= self.PLAN_MEMORY:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[cid] = plan
+
+    async def patch_plan(self, cid: bytes) -> PatchPlan | None:
+        """How chunk `cid` differs from its base, if it is stored as a patch; else None."""
+        plan = self._plans.get(cid)
+        if plan is not None:
+            return plan
+        base = self.catalog.chunk_base(cid)
+        loc = self.catalog.chunk_location(cid)
+        if base is None or loc is None:
+            return None
+        try:
+            rec = self.journal.read_if_cached(loc)
+            if rec is None:
+                rec = await asyncio.to_thread(self.journal.read, loc)
+            base, keep, ranges = self.codec.patch_info(rec)
+        except (OSError, FormatError, CryptoError):
+            return None  # unreadable here: the caller stores the block whole
+        plan = PatchPlan(base, keep, tuple(ranges))
+        self._remember_plan(cid, plan)
+        return plan
 
     def commit_nowait(
         self, ops: Iterable[Op], chunks: Sequence[PreparedChunk] = (), *, relocate: bool = False
@@ -284,21 +359,32 @@ class Volume:
         now = time.time_ns()
         if self.gc_watch is not None:
             self.gc_watch.update(c.id for c in chunks)
+            self.gc_watch.update(c.base for c in chunks if c.base is not None)
             for op in txn.ops:
                 if isinstance(op, SetBlocks):
                     self.gc_watch.update(bytes.fromhex(b[1]) for b in op.blocks if b[1])
-        known = (
-            self.catalog.known_chunks(c.id for c in chunks) if chunks and not relocate else set()
-        )
+        if chunks and not relocate:
+            ids = [c.id for c in chunks] + [c.base for c in chunks if c.base is not None]
+            known = self.catalog.known_chunks(ids)
+        else:
+            known = set()
         fresh: dict[bytes, PreparedChunk] = {}
         for c in chunks:
-            if c.id not in known and c.id not in fresh:
-                fresh[c.id] = c
+            if c.id in known or c.id in fresh:
+                continue
+            if c.base is not None and not relocate and c.base not in known:
+                # INVARIANT: a patch is stored only while its base is in the catalog
+                # (format §6.3: the base precedes it). Gone since the patch was planned:
+                # store the block whole, on the spot (rare, and one block).
+                assert c.data is not None
+                cid, rec = self.codec.chunk_record(c.data, 0, 0)
+                c = PreparedChunk(cid, c.length, rec)
+            fresh[c.id] = c
         records = [replace(c.record, lsn=lsn, time_ns=now) for c in fresh.values()]
         records.append(self.codec.txn_record(body, lsn, now))
         locs = self.journal.append(records)
         self._next_lsn = lsn + 1
-        stored = [StoredChunk(cid, loc, lsn) for cid, loc in zip(fresh, locs[:-1], strict=True)]
+        stored = [StoredChunk.of(r, loc) for r, loc in zip(records[:-1], locs[:-1], strict=True)]
         self.catalog.apply(lsn, txn, stored)
         if len(self.commit_times) == self.commit_times.maxlen:
             self.commit_times_first += 1
@@ -418,6 +504,8 @@ class Volume:
         found = self.catalog.chunk_locations(cids)
         locs = [found.get(c) for c in cids]
 
+        patches: list[tuple[int, seg.Record, bytes]] = []  # decoded once bases are read
+
         def work() -> list[bytes | None]:
             out: list[bytes | None] = [None] * len(cids)
             order = sorted(
@@ -443,20 +531,25 @@ class Volume:
                     with self.journal.path(first.segno).open("rb") as f:
                         f.seek(first.offset)
                         span = f.read(end - first.offset)
-                    for i in order[k : j + 1]:
-                        loc = locs[i]
-                        assert loc is not None
-                        raw = span[
-                            loc.offset - first.offset : loc.offset - first.offset + loc.length
-                        ]
+                except OSError:
+                    span = b""  # each of these goes the careful way below
+                for i in order[k : j + 1] if span else ():
+                    loc = locs[i]
+                    assert loc is not None
+                    raw = span[loc.offset - first.offset : loc.offset - first.offset + loc.length]
+                    try:
                         rec = seg.decode_record(raw, f"segment {loc.segno}@{loc.offset}")
                         out[i] = self.codec.decode_chunk(rec, expect_id=cids[i])
-                except (OSError, FormatError, CryptoError):
-                    pass  # each of these goes the careful way below
+                    except PatchNeedsBase as p:
+                        patches.append((i, rec, p.base))
+                    except (FormatError, CryptoError):
+                        pass  # damage: read_chunk below deals with it
                 k = j + 1
             return out
 
         got = await asyncio.to_thread(work)
+        if patches:
+            await decode_patches(self.codec, patches, cids, got, self.read_chunks)
         return [
             g if g is not None else await self.read_chunk(c) for g, c in zip(got, cids, strict=True)
         ]
@@ -509,14 +602,22 @@ class Volume:
             return self.codec.decode_chunk(self.journal.read(loc), expect_id=cid)
 
         try:
-            if loc.length <= self.INLINE_READ:
-                # A small record already in memory: decoding it here (hash, decompress)
-                # costs less than the hop to a thread and back (a 4 KiB rewrite of a
-                # 64 KiB block reads the block first).
-                rec = self.journal.read_if_cached(loc)
-                if rec is not None:
-                    return self.codec.decode_chunk(rec, expect_id=cid)
-            return await asyncio.to_thread(work)
+            try:
+                if loc.length <= self.INLINE_READ:
+                    # A small record already in memory: decoding it here (hash, decompress)
+                    # costs less than the hop to a thread and back (a 4 KiB rewrite of a
+                    # 64 KiB block reads the block first).
+                    rec = self.journal.read_if_cached(loc)
+                    if rec is not None:
+                        return self.codec.decode_chunk(rec, expect_id=cid)
+                return await asyncio.to_thread(work)
+            except PatchNeedsBase as p:
+                # A patch (small): its base first, then the patch over it, here.
+                base = await self.read_chunk(p.base)
+                rec = self.journal.read_if_cached(loc)  # just read: in the page cache
+                if rec is None:
+                    rec = await asyncio.to_thread(self.journal.read, loc)
+                return self.codec.decode_chunk(rec, expect_id=cid, base=base)
         except (OSError, FormatError, CryptoError) as e:
             if self.fetch_remote is None:
                 raise VolumeError(
