@@ -32,7 +32,7 @@ from vaultsync.filesystem import FsError
 from vaultsync.header import HEADER_KEY
 from vaultsync.journal import Location
 from vaultsync.layout import checkpoint_key
-from vaultsync.lease import current_epoch
+from vaultsync.lease import FencedError, check_lease, lease_window
 from vaultsync.objectstore import ObjectStore, StoreError
 from vaultsync.volume import Volume
 
@@ -301,17 +301,29 @@ class Replicator:
 
     # -- health ------------------------------------------------------------------------
     async def _monitor(self, sh: Shipper, probe: ObjectStore) -> None:
+        """Probe the target's health every `probe_interval` and check the writer lease
+        there at least every LEASE_WINDOW/3, whatever `probe_interval` is.
+
+        Each successful lease check tells the shipper when it began: while one began
+        less than LEASE_WINDOW ago the shipper counts tail pieces for fsync without a
+        request of its own (docs/format.md §2.4). Checking three times per window
+        keeps that true through a slow or lost check.
+        """
+        next_probe = 0.0
         while True:
             t0 = time.monotonic()
             try:
-                await probe.head(HEADER_KEY)
+                if t0 >= next_probe:
+                    await probe.head(HEADER_KEY)
+                    next_probe = t0 + self.cfg.replication.probe_interval
+                sh.lease_checked(await check_lease(probe, self.vol.epoch))
                 changed = sh.health.ok(time.monotonic() - t0)
-                newest = await current_epoch(probe)
-                if newest > self.vol.epoch:
-                    self._fenced(f"target {sh.name!r} has a writer lease of epoch {newest}")
-                    return
+            except FencedError as e:
+                self._fenced(str(e))
+                return
             except StoreError as e:
                 changed = sh.health.failed(e.reason)
+                next_probe = 0.0  # a failing target is probed at every turn
             if changed and sh.health.state != "down":
                 sh.wake.set()  # back (or better): the shipper should not wait out its back-off
             if changed:
@@ -324,7 +336,8 @@ class Replicator:
                 self._progress()
                 sh.wake.set()
             interval = self.cfg.replication.probe_interval
-            await asyncio.sleep(interval if sh.health.state == "healthy" else min(interval, 1.0))
+            pause = interval if sh.health.state == "healthy" else min(interval, 1.0)
+            await asyncio.sleep(min(pause, lease_window() / 3))
 
     # -- checkpoints -------------------------------------------------------------------
     def _held_lsn(self, sh: Shipper) -> int:

@@ -6,6 +6,18 @@ and a tail piece of segment N only after N-1 is there and only with bytes that
 are durable in the local journal, so metadata never reaches a target before
 the chunks it refers to (they precede it in the journal).
 
+Invariant (docs/format.md §2.4, time-bounded leases): what a sync target holds
+counts for fsync (`holds`) only once a lease check vouches for it: a listing of
+`lease/` that found no newer epoch and that began either after the upload
+completed (rule B, needed for whole segments, for the first tail piece of each
+segment this process counts, and for what `resume` found), or, for later tail
+pieces, at most LEASE_WINDOW before the moment the upload is counted (rule A).
+A promoter waits 2 x LEASE_WINDOW after taking its lease before it reads the
+target (and skips the wait only when it sees no tail piece past the last whole
+segment, which rule B makes safe): everything a fenced writer counted was
+therefore at the target before the promoter looked. No request is added to an
+fsync while the health monitor keeps the check fresh (every LEASE_WINDOW/3).
+
 The watermark (the newest whole segment the target holds, with its last LSN)
 is persisted in the catalog after each acknowledged segment upload. After a
 restart the shipper trusts it, then looks one segment further (an upload
@@ -28,7 +40,7 @@ from vaultsync.replication.health import Health
 from vaultsync.background import in_background
 from vaultsync.config import TargetConfig
 from vaultsync.layout import contiguous_end, parse_tail_key, segment_key, tail_key, tail_prefix
-from vaultsync.lease import FencedError
+from vaultsync.lease import FencedError, check_lease, lease_clock, lease_window
 from vaultsync.objectstore import ObjectStore, StoreError, ThrottledError, md5_hex
 from vaultsync.segment import HEADER_SIZE
 from vaultsync.volume import Volume
@@ -61,6 +73,15 @@ class Shipper:
     # The furthest journal position (and its LSN) an fsync waits for: may be ahead
     # of what is durable locally, because the local fsync runs in parallel.
     requested: tuple[tuple[int, int], int] = ((0, 0), 0)
+    # lease_clock() time at which the newest successful lease check of this target
+    # began (the health monitor's, every LEASE_WINDOW/3, or one of our own).
+    lease_checked_at: float = float("-inf")
+    # The open segment one of whose tail pieces this process counted under rule B:
+    # later pieces of it may count under rule A (module docstring).
+    _anchor: int = 0
+    # A sync target's positions count for fsync only after `resume` had what it
+    # found vouched for by a lease check (rule B).
+    _vouched: bool = False
     _stopped: bool = False
     _cleanup: set[asyncio.Future[None]] = field(default_factory=set)
 
@@ -75,6 +96,8 @@ class Shipper:
     # -- position ------------------------------------------------------------------
     def holds(self, pos: tuple[int, int]) -> bool:
         """Does the target hold the journal up to `pos` = (segment, byte offset)?"""
+        if self.is_sync and not self._vouched:
+            return False
         segno, size = pos
         if self.sealed_wm >= segno or (size <= HEADER_SIZE and self.sealed_wm >= segno - 1):
             return True
@@ -137,6 +160,40 @@ class Shipper:
         for a, b in beyond:
             await self.store.delete(tail_key(self.sealed_wm + 1, a, b))
         self.tail_off = contiguous_end([p for p in pieces if p not in beyond])
+        if self.is_sync:
+            # Rule B for everything found above: a check begun after the HEADs and the
+            # listing shows it was all there before any newer lease was taken.
+            await self.check_lease()
+            self._anchor = self.sealed_wm + 1 if self.tail_off else 0
+            self._vouched = True
+
+    # -- the lease ---------------------------------------------------------------------
+    def lease_checked(self, began: float) -> None:
+        """A lease check of this target that began at `began` (lease_clock) found no
+        newer epoch."""
+        self.lease_checked_at = max(self.lease_checked_at, began)
+
+    async def check_lease(self) -> None:
+        """Check now (FencedError if another site holds a newer lease)."""
+        self.lease_checked(await check_lease(self.store, self.vol.epoch))
+
+    async def _vouch(self, done: float, *, rule_a: bool) -> None:
+        """Return once an upload that completed at `done` (lease_clock) may count as
+        held; FencedError if a newer lease says it may not.
+
+        INVARIANT (docs/format.md §2.4): it counts only if a lease check that found
+        no newer epoch began after `done` (rule B: the upload landed before any newer
+        lease existed, so a promoter, who lists after taking its lease, sees it), or,
+        with `rule_a`, began at most LEASE_WINDOW before now (rule A: a promoter
+        waits 2 x LEASE_WINDOW after its lease before it lists, and our check
+        began before its lease existed, so `done` < now <= lease + LEASE_WINDOW
+        comes before its listing). Otherwise we check inline, which is rule B.
+        """
+        if self.lease_checked_at > done:
+            return
+        if rule_a and lease_clock() - self.lease_checked_at <= lease_window():
+            return
+        await self.check_lease()
 
     def _sealed_row(self, segno: int) -> dict[str, Any] | None:
         return self.vol.catalog.sealed_segment(segno)
@@ -165,13 +222,22 @@ class Shipper:
             data = await self._read_async(nxt, 0, None)
             t0 = time.monotonic()
             if not await self.store.put_new(segment_key(nxt), data):
+                # A writer that finds N sealed by someone else (a promoter sealed it from
+                # our tail pieces) is fenced here: the cheap place to notice it.
                 await self._same_or_fenced(nxt, data)
-            self._uploaded(len(data), time.monotonic() - t0)
+            latency = time.monotonic() - t0
+            if self.is_sync:
+                # Rule B for whole segments: a promoter that sees no tail piece past
+                # the last whole segment does not wait (format §2.4).
+                await self._vouch(lease_clock(), rule_a=False)
+            self._uploaded(len(data), latency)
             had_tail = self.tail_off > 0
             self._advance_sealed(nxt, row["last_lsn"] or self.acked_lsn)
             self.tail_off = 0
             if had_tail:
                 # Redundant now (format §2.2); deleting them must not hold up the next fsync.
+                # Only now that N is vouched for: a promoter that skips its wait relies on
+                # our first counted piece of N staying until N is whole (format §2.4).
                 task = asyncio.ensure_future(self._drop_tails(nxt))
                 self._cleanup.add(task)
                 task.add_done_callback(self._cleanup.discard)
@@ -183,17 +249,15 @@ class Shipper:
                 start = self.tail_off
                 data = await self._read_async(nxt, start, dsize)
                 t0 = time.monotonic()
-                # If the segment we are extending exists whole, another writer sealed it:
-                # asked at the same time as the upload, so it costs no latency.
-                _, sealed_by_other = await asyncio.gather(
-                    self.store.put(tail_key(nxt, start, dsize), data),
-                    self.store.head(segment_key(nxt)),
-                )
-                if sealed_by_other is not None:
-                    raise FencedError(
-                        f"segment {nxt} at target {self.name!r} was sealed by another writer"
-                    )
-                self._uploaded(len(data), time.monotonic() - t0)
+                await self.store.put(tail_key(nxt, start, dsize), data)
+                latency = time.monotonic() - t0
+                # No HEAD of segments/N to learn whether a promoter sealed N: the lease
+                # rule covers it (a promoter seals N only after its wait, when no check
+                # of ours can vouch for a piece any more). Rule A for a piece of a
+                # segment already anchored by a rule-B piece, rule B for the first.
+                await self._vouch(lease_clock(), rule_a=self._anchor == nxt)
+                self._anchor = nxt
+                self._uploaded(len(data), latency)
                 self.tail_off = dsize
                 self.acked_lsn = max(self.acked_lsn, dlsn)
                 return True

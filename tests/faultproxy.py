@@ -21,6 +21,12 @@ modes while traffic flows:
 
 `reset_all()` resets every open connection once, whatever the mode. Threads
 are daemons, `stop()` is bounded, and the proxy is a context manager.
+
+`hold_requests(method, path_part)` works beside any mode: from then on each
+request whose request line has that method and `path_part` in its target is
+held, whole, before a byte of it reaches the server, until `release()`; other
+requests (on other connections) go on. It makes "this PUT lands only after
+that happened" deterministic; `wait_held()` says when one is being held.
 """
 
 from __future__ import annotations
@@ -76,6 +82,9 @@ class FaultProxy:
         self.reset_budget = 0
         self.reset_delay = 0.0
         self.reset_at_headers = False
+        self._hold: tuple[bytes, bytes] | None = None  # (method, part of the target)
+        self._holding = 0  # requests held right now
+        self.held_total = 0  # requests ever held
         self.stats = ProxyStats()
         self._conns: set[_Conn] = set()
         self._threads: set[threading.Thread] = set()
@@ -169,6 +178,57 @@ class FaultProxy:
             for c in self._conns:
                 c.kill = True
             return len(self._conns)
+
+    def hold_requests(self, method: str, path_part: str) -> None:
+        """Hold every request `method` whose target contains `path_part` (see the module
+        docstring) until `release()`."""
+        with self._lock:
+            self._hold = (method.encode() + b" ", path_part.encode())
+
+    def release(self) -> None:
+        """Stop holding: the held requests go to the server now, in no set order."""
+        with self._lock:
+            self._hold = None
+
+    def held(self) -> int:
+        with self._lock:
+            return self._holding
+
+    def wait_held(self, n: int = 1, timeout: float = 10.0) -> bool:
+        """True once at least `n` requests are being held."""
+        deadline = time.monotonic() + timeout
+        while self.held() < n:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _holds(self, data: bytes) -> bool:
+        """Is `data` (bytes towards the server) the start of a request to hold?"""
+        with self._lock:
+            if self._hold is None:
+                return False
+            method, part = self._hold
+            line = data.split(b"\r\n", 1)[0]
+            if not (line.startswith(method) and part in line):
+                return False
+            self._holding += 1
+            self.held_total += 1
+            return True
+
+    def _wait_release(self, conn: _Conn) -> bool:
+        """Hold until release(); False if the connection is to be cut meanwhile."""
+        try:
+            while True:
+                with self._lock:
+                    if self._hold is None:
+                        return True
+                if self._should_kill(conn):
+                    return False
+                time.sleep(0.01)
+        finally:
+            with self._lock:
+                self._holding -= 1
 
     def open_connections(self) -> int:
         with self._lock:
@@ -287,6 +347,8 @@ class FaultProxy:
                     if self._should_kill(conn):
                         return
                 towards_server = sock is conn.client
+                if towards_server and self._holds(data) and not self._wait_release(conn):
+                    return
                 cut = self._cut_at(conn, data) if towards_server else None
                 if cut is not None:
                     peer[sock.fileno()].sendall(data[:cut])

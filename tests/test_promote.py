@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.mounting import Mount
 from tests.test_recovery import PointMount, _targets_toml
+from vaultsync.lease import TEST_WINDOW_ENV
 from vaultsync.providers import LocalProvider
+
+# A short lease window for the writer and the promoter alike (docs/format.md §2.4):
+# the promotion below waits 2 x this for the old writer's lease to run out.
+WINDOW = 1.5
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -29,8 +37,9 @@ def _targets(sw: LocalProvider, rc: LocalProvider, bucket: str) -> str:
 
 
 def test_promotion_fences_the_old_writer(
-    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider
+    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv(TEST_WINDOW_ENV, str(WINDOW))
     bucket = f"pr-{uuid.uuid4().hex[:12]}"
     seaweedfs.create_bucket(bucket)
     rclone.create_bucket(bucket)
@@ -46,6 +55,7 @@ def test_promotion_fences_the_old_writer(
     try:
         # A's fsynced write lives only in tail pieces of its open segment at sw.
         _fsync_write(a.mountpoint / "before", b"written by A before the failover")
+        t0 = time.monotonic()
         res = subprocess.run(
             [sys.executable, "-m", "vaultsync", "promote", str(b_cfg), "--from", "sw"],
             capture_output=True,
@@ -54,6 +64,10 @@ def test_promotion_fences_the_old_writer(
         )
         assert res.returncode == 0, res.stderr
         assert "epoch 1" in res.stdout and "sealed here" in res.stdout
+        # sw held tail pieces of A's open segment: B waited A's lease out before reading.
+        waited = re.search(r"waiting \d+ s for the old writer's lease to expire", res.stderr)
+        assert waited, res.stderr
+        assert time.monotonic() - t0 >= 2 * WINDOW
         # A notices the lease within a few probes; its writes are then refused.
         deadline = time.monotonic() + 15
         refused = None

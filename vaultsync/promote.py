@@ -4,15 +4,26 @@ Order (each step is what makes the next safe):
 
 1. Take the lease of epoch E+1 at every reachable target (conditional
    create). From now on the old writer is fenced as soon as it looks (its
-   monitor lists `lease/`), and it can never seal a segment we sealed.
-2. Rebuild the newest point from the source target into the local state
+   monitor lists `lease/` at least every LEASE_WINDOW/3), and it can never
+   seal a segment we sealed.
+2. Wait until 2 x LEASE_WINDOW have passed since the lease was taken, unless
+   the source holds no tail piece past its newest whole segment (docs/format.md
+   §2.4). The old writer counts a tail piece for fsync while its last lease
+   check is less than LEASE_WINDOW old, and that check began before our lease
+   existed: after the wait, every piece it counted is at the source, so the
+   rebuild below sees every write it acknowledged. (The factor 2 is margin for
+   the two machines' clocks running at different rates.) Without such a piece
+   there is nothing to wait for: the old writer counts whole segments, and the
+   first piece of each segment, only after a check begun after the upload,
+   so whatever it acknowledged was visible when we looked, and stays so.
+3. Rebuild the newest point from the source target into the local state
    directory; the downloaded segments become the local journal.
-3. If the source held tail pieces of an open segment N, seal N here from
+4. If the source held tail pieces of an open segment N, seal N here from
    exactly those bytes and upload `segments/N.seg` with a conditional create
    before anything else: readers then ignore any tail the old writer adds to
    N, and the old writer's own attempt to seal N fails (it is fenced). If the
    old writer sealed N first, rebuild again and take its N.
-4. Record the new epoch; the next `mount` continues at segment N+1.
+5. Record the new epoch; the next `mount` continues at segment N+1.
 """
 
 from __future__ import annotations
@@ -20,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +41,8 @@ from vaultsync import segment as seg
 from vaultsync.config import Config
 from vaultsync.errors import VolumeError
 from vaultsync.journal import Journal
-from vaultsync.layout import segment_key
-from vaultsync.lease import current_epoch, lease_doc, take_lease
+from vaultsync.layout import SEGMENTS, TAILS, parse_segment_key, parse_tail_key, segment_key
+from vaultsync.lease import current_epoch, lease_clock, lease_doc, lease_window, take_lease
 from vaultsync.objectstore import ObjectStore, StoreError
 from vaultsync.recovery import PointSpec, SegmentCache, rebuild, target_header
 from vaultsync.targets import open_stores, read_remote_header
@@ -44,6 +57,11 @@ class PromoteReport:
     sealed_tail: int | None
     leased_at: list[str]
     moved_aside: Path | None
+    waited: float = 0.0  # seconds spent waiting for the old writer's lease to expire
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _seal_tail(path: Path, volume_id: bytes, segno: int) -> tuple[int, int]:
@@ -62,7 +80,12 @@ def _seal_tail(path: Path, volume_id: bytes, segno: int) -> tuple[int, int]:
 
 
 async def promote(
-    cfg: Config, source: str, passphrase: str | None, *, force: bool = False
+    cfg: Config,
+    source: str,
+    passphrase: str | None,
+    *,
+    force: bool = False,
+    notify: Callable[[str], None] = _to_stderr,
 ) -> PromoteReport:
     state = cfg.volume.state_dir
     moved: Path | None = None
@@ -97,14 +120,68 @@ async def promote(
                     raise
                 # Unreachable now: its next contact with the old writer's history is ours.
                 e.add_note("lease not taken")
+        leased_done = lease_clock()
+        waited = await _wait_out_old_lease(src, leased_done, notify)
         for _attempt in range(3):
             result = await _rebuild_here(cfg, src, passphrase, epoch)
             if result is not None:
                 lsn, segments, sealed = result
-                return PromoteReport(epoch, lsn, segments, sealed, leased, moved)
+                return PromoteReport(epoch, lsn, segments, sealed, leased, moved, waited)
         raise VolumeError(
             "the old writer kept sealing segments during promotion; stop it and promote again"
         )
+
+
+async def _open_tail(src: ObjectStore) -> int | None:
+    """The segment after the newest whole one at `src`, if `src` holds a tail piece of
+    it (or of a later one); None if it holds none. Listed after the lease was taken:
+    segments first, then tails (docs/format.md §2.4 says why this order)."""
+    top = 0
+    async for o in src.list(SEGMENTS):
+        top = max(top, parse_segment_key(o.key) or 0)
+    async for o in src.list(TAILS):
+        parsed = parse_tail_key(o.key)
+        if parsed is not None and parsed[0] > top:
+            return parsed[0]
+    return None
+
+
+async def _wait_out_old_lease(
+    src: ObjectStore, leased_done: float, notify: Callable[[str], None]
+) -> float:
+    """Step 2 of the module docstring: wait until 2 x LEASE_WINDOW have passed since
+    `leased_done` (lease_clock) unless the source holds no tail piece past its newest
+    whole segment. Returns the seconds waited.
+
+    INVARIANT (docs/format.md §2.4): nothing of the source is read for the rebuild
+    before this returns. The old writer counted a tail piece only if a lease check
+    that found no newer epoch began at most LEASE_WINDOW before it counted it; such
+    a check began before our lease existed (`leased_done`), so every piece it
+    counted had landed by leased_done + LEASE_WINDOW on its clock, which is before
+    leased_done + 2 x LEASE_WINDOW on ours unless the clocks' rates differ by a
+    factor of two. Skipping is safe without a piece past the newest whole segment:
+    the old writer counts whole segments, and the first tail piece of each segment,
+    only after a check begun after their upload (so they landed before our lease),
+    and it deletes tail pieces only after the whole segment is vouched for; a
+    counted piece of a segment after the newest whole one would therefore have
+    left its first piece in the listing.
+    """
+    window = lease_window()
+    segno = await _open_tail(src)
+    if segno is None:
+        return 0.0
+    remaining = 2 * window - (lease_clock() - leased_done)
+    if remaining <= 0:
+        return 0.0
+    notify(
+        f"waiting {remaining:.0f} s for the old writer's lease to expire (2 x the "
+        f"{window:g} s lease window: target {src.name!r} holds tail pieces of the open "
+        f"segment {segno}, which the old writer may still be adding to)"
+    )
+    started = lease_clock()
+    while (left := 2 * window - (lease_clock() - leased_done)) > 0:
+        await asyncio.sleep(min(left, 1.0))
+    return lease_clock() - started
 
 
 async def _check_same_volume(cfg: Config, src: ObjectStore, stores: list[ObjectStore]) -> None:
