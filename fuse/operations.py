@@ -191,6 +191,13 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         await self.fs.flush(fh)
         if self.sync_on_close:  # replication.sync_on_close: close() waits as fsync does
             await self.fs.vol.sync()
+            return
+        # Nothing else needs close() to wait for us: release (the last close) commits
+        # the buffer, and the flush timer a file kept open elsewhere. ENOSYS, answered
+        # once this close's data is committed, makes the kernel stop sending FLUSH on
+        # this mount: one round trip less on every close (a create-write-fsync-close
+        # is eight of them).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errors
     async def release(self, fh: int) -> None:
