@@ -26,6 +26,12 @@ the event loop between polls (every other task still runs: an fsync whose
 fdatasync finished in a worker thread is answered at once), for at most
 `busy_poll` seconds before it sleeps in epoll. An idle mount spends nothing;
 a lone request costs at most `busy_poll` of CPU after it. 0 turns it off.
+
+Not while a request is being answered: the reader that pyfuse3 starts beside
+a handler that waits (an fsync waiting for its upload) would otherwise spin
+on the same thread as that handler's own work (building the upload), and
+the next request of a single-threaded application cannot come before the
+reply anyway. `running` counts the handlers in progress (operations.py).
 """
 
 from __future__ import annotations
@@ -39,6 +45,15 @@ from typing import Any
 DEFAULT_BUSY_POLL = 200e-6
 
 _busy_poll = DEFAULT_BUSY_POLL
+
+
+class _Running:
+    """How many request handlers are in progress (kept by operations.py's wrapper)."""
+
+    count = 0
+
+
+running = _Running()
 
 
 def enable(busy_poll: float = DEFAULT_BUSY_POLL) -> None:
@@ -68,7 +83,7 @@ def enable(busy_poll: float = DEFAULT_BUSY_POLL) -> None:
             now = time.monotonic()
             if not deadline:
                 deadline = now + _busy_poll
-            if now >= deadline:
+            if now >= deadline or running.count:
                 break
             await asyncio.sleep(0)
         await original(fd)

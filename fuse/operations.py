@@ -17,6 +17,7 @@ from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+from vaultsync.fuse.loop import running
 
 from vaultsync.catalog import Inode
 from vaultsync.errors import ReadOnlyVolumeError, VaultsyncError
@@ -37,6 +38,7 @@ def _errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
     @wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        running.count += 1
         try:
             return await fn(*args, **kwargs)
         except FsError as e:
@@ -50,6 +52,8 @@ def _errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            running.count -= 1
 
     return wrapper
 

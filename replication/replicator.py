@@ -98,7 +98,9 @@ class Replicator:
 
     def _wire_volume(self) -> None:
         """Point the volume's fsync barrier and remote reads at the current targets."""
-        self.vol.replicate = self.barrier if any(s.is_sync for s in self.shippers) else None
+        has_sync = any(s.is_sync for s in self.shippers)
+        self.vol.replicate = self.barrier if has_sync else None
+        self.vol.replicate_soon = self._request_sync if has_sync else None
         if self.shippers and self.vol.fetch_remote is None:
             shippers = self.shippers  # the live list: targets added later are used too
 
@@ -218,6 +220,7 @@ class Replicator:
 
     async def stop(self) -> None:
         self.vol.replicate = None
+        self.vol.replicate_soon = None
         self.vol.fetch_remote = None
         with contextlib.suppress(ValueError):
             self.vol.listeners.remove(self._on_durable)
@@ -248,7 +251,8 @@ class Replicator:
 
     def _progress(self) -> None:
         self._changed.set()
-        self._ckpt_wake.set()
+        if self._ckpt_pending:  # a target may now hold one; otherwise the loop's own timer
+            self._ckpt_wake.set()
 
     def _fenced(self, reason: str) -> None:
         if not self.vol.fenced:
@@ -274,6 +278,11 @@ class Replicator:
             return False
         return sh.in_sync
 
+    def _request_sync(self, pos: tuple[int, int], lsn: int) -> None:
+        for s in self.shippers:
+            if s.is_sync:
+                s.request(pos, lsn)
+
     async def barrier(self, pos: tuple[int, int], lsn: int) -> None:
         if self.vol.fenced:
             raise FsError(errno.EROFS)
@@ -297,7 +306,8 @@ class Replicator:
                 raise FsError(errno.EIO)
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+                async with asyncio.timeout(min(left, 0.5)):  # no task per wait, as wait_for
+                    await self._changed.wait()
 
     # -- health ------------------------------------------------------------------------
     async def _monitor(self, sh: Shipper, probe: ObjectStore) -> None:

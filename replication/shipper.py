@@ -210,9 +210,7 @@ class Shipper:
         return await in_background(self._read, segno, start, end)
 
     def _read(self, segno: int, start: int, end: int | None) -> bytes:
-        with open(self.vol.journal.path(segno), "rb") as f:
-            f.seek(start)
-            return f.read(-1 if end is None else end - start)
+        return self.vol.journal.read_range(segno, start, end)
 
     async def step(self) -> bool:
         """Ship the next thing; False when there is nothing to do."""
@@ -257,9 +255,10 @@ class Shipper:
                 # segment already anchored by a rule-B piece, rule B for the first.
                 await self._vouch(lease_clock(), rule_a=self._anchor == nxt)
                 self._anchor = nxt
-                self._uploaded(len(data), latency)
                 self.tail_off = dsize
                 self.acked_lsn = max(self.acked_lsn, dlsn)
+                self._uploaded(len(data), latency)
+                await asyncio.sleep(0)  # the fsyncs waiting for this piece answer first
                 return True
         return False
 
@@ -320,11 +319,14 @@ class Shipper:
                 # Back off, but wake early when the monitor sees the target come back.
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), random.uniform(backoff / 2, backoff))
+                    async with asyncio.timeout(random.uniform(backoff / 2, backoff)):
+                        await self.wake.wait()
                 continue
             self.wake.clear()
+            # asyncio.timeout, not wait_for: no task per wait (a sync fsync wakes us each time).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self.wake.wait()
 
     def _check_in_sync(self) -> None:
         if (

@@ -4,8 +4,9 @@ The journal is the truth; the catalog is a materialised view of it that can be
 queried. Invariants:
 
 - `meta.last_lsn` is the newest transaction applied, and every transaction up
-  to it is applied completely: each one is applied inside a single SQLite
-  transaction together with the new `last_lsn`.
+  to it is applied completely: each one is applied inside a savepoint of the
+  open SQLite transaction, and `commit` writes `last_lsn` (and `max_ino`) in
+  that same transaction just before it commits it.
 - The catalog is never ahead of the journal: a transaction is applied only
   after its records were written to the journal (volume.py keeps this).
 - A chunk is in `chunks` only if a committed transaction stored it, so a
@@ -138,6 +139,7 @@ class Catalog:
         # table, and it updates this after its savepoint is released, so an entry here
         # always equals the row (a failed transaction changes neither).
         self._inodes: dict[int, Inode] = {}
+        self._unsaved = False  # applied since the last commit wrote meta.last_lsn
 
     @classmethod
     def open(cls, path: Path, *, bulk: bool = False) -> Catalog:
@@ -177,6 +179,10 @@ class Catalog:
         catalog only; the journal has them and replay restores them.
         """
         if self.db.in_transaction:
+            if self._unsaved:
+                self.set_meta("last_lsn", self._last_lsn)
+                self.set_meta("max_ino", self._max_ino)
+                self._unsaved = False
             self.db.execute("COMMIT")
 
     def end_bulk(self, path: Path, durable: bool = True) -> None:
@@ -250,13 +256,6 @@ class Catalog:
                 self._apply_op(op)
                 if isinstance(op, SetInode) and op.ino > top:
                     top = op.ino
-            if top > self._max_ino:
-                self.set_meta("max_ino", top)
-            self.db.execute(
-                "INSERT INTO meta(key, value) VALUES('last_lsn', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (lsn,),
-            )
             self.db.execute("RELEASE txn")
             self._cache_inodes(txn)
         except BaseException:
@@ -265,6 +264,7 @@ class Catalog:
             raise
         self._last_lsn = lsn
         self._max_ino = max(self._max_ino, top)
+        self._unsaved = True  # meta.last_lsn is written at `commit`
 
     INODE_CACHE = 100_000
 

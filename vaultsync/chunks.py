@@ -37,9 +37,13 @@ _LSN = struct.Struct("<Q")
 TXN_COMPRESS_MIN = 1024
 # A larger payload whose first PROBE bytes do not shrink is stored as it is:
 # random or already-compressed data (media, archives, encrypted files) costs
-# zstd several times what hashing it does, for nothing.
+# zstd several times what hashing it does, for nothing. A small one (a 4 KiB
+# block rewritten and fsynced, on the path every fsync waits for) is probed
+# with its first SMALL_PROBE bytes.
 PROBE = 4096
 PROBE_ABOVE = 16 * 1024
+SMALL_PROBE = 512
+SMALL_PROBE_ABOVE = 2048
 
 
 class PatchNeedsBase(Exception):
@@ -78,6 +82,10 @@ class Codec:
         if c is None:
             c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
         if len(data) > PROBE_ABOVE and len(c.compress(data[:PROBE])) >= PROBE * 31 // 32:
+            return bytes(data), 0
+        # zstd's frame alone is a dozen bytes: incompressible 512 bytes grow.
+        small = SMALL_PROBE_ABOVE < len(data) <= PROBE_ABOVE
+        if small and len(c.compress(data[:SMALL_PROBE])) >= SMALL_PROBE:
             return bytes(data), 0
         packed = c.compress(data)
         # Incompressible data is stored as is: never pay for a bigger copy.

@@ -196,7 +196,7 @@ class Journal:
             j._create(last + 1)
         else:
             j.segno, j.size, j.records = last, committed_end, count
-            j._fd = os.open(path, os.O_WRONLY)
+            j._fd = os.open(path, os.O_RDWR)  # read too: `read_range`
             j._runway_end = j._synced_size = committed_end
         return j, report
 
@@ -229,7 +229,7 @@ class Journal:
     def _create(self, segno: int, durable: bool = True) -> None:
         path = self.path(segno)
         header = seg.SegmentHeader(self.volume_id, segno, self.epoch, time.time_ns()).pack()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, header)
             if durable:
@@ -417,6 +417,16 @@ class Journal:
             f.seek(loc.offset)
             buf = f.read(loc.length)
         return seg.decode_record(buf, f"{self.path(loc.segno)}@{loc.offset}")
+
+    def read_range(self, segno: int, start: int, end: int | None) -> bytes:
+        """Bytes `start`..`end` (None: to the end) of a segment file: of the open one
+        through the journal's own descriptor (one pread, where a tail upload after
+        every fsync would otherwise open the file each time)."""
+        if segno == self.segno and self._fd >= 0 and end is not None:
+            return os.pread(self._fd, end - start, start)
+        with open(self.path(segno), "rb") as f:
+            f.seek(start)
+            return f.read(-1 if end is None else end - start)
 
     def read_if_cached(self, loc: Location) -> seg.Record | None:
         """The record, if every byte of it is in the page cache; None otherwise.

@@ -15,12 +15,15 @@ import contextlib
 import hashlib
 import io
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp
+import yarl
 from aiobotocore.session import get_session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
@@ -34,6 +37,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
+from vaultsync import s3put
 from vaultsync.background import in_background
 from vaultsync.config import TargetConfig
 from vaultsync.errors import VaultsyncError
@@ -41,6 +45,10 @@ from vaultsync.errors import VaultsyncError
 T = TypeVar("T")
 
 PROBE_PREFIX = ".probe/"
+# Bodies up to this size are PUT by `s3put` (signed here, sent with aiohttp); larger
+# ones through botocore, whose streaming and copy-avoiding body handling they need.
+SMALL_PUT = 1 << 20
+_ERROR_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 
 
 class StoreError(VaultsyncError):
@@ -164,6 +172,8 @@ class ObjectStore:
         self._pool_size = pool_size
         self._client: Any = None
         self._client_cm: Any = None
+        self._http: aiohttp.ClientSession | None = None
+        self._keys: tuple[str, str] | None = None  # for s3put; never printed
         self._conditional: bool | None = None
 
     async def __aenter__(self) -> ObjectStore:
@@ -194,9 +204,20 @@ class ObjectStore:
             config=cfg,
         )
         self._client = await self._client_cm.__aenter__()
+        self._keys = (access_key, secret.get_secret_value())
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._pool_size),
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=self._connect_timeout, sock_read=self._read_timeout
+            ),
+            auto_decompress=False,
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         if self._client_cm is not None:
             await self._client_cm.__aexit__(None, None, None)
             self._client_cm = self._client = None
@@ -297,6 +318,9 @@ class ObjectStore:
         )
 
     async def put(self, key: str, data: bytes) -> None:
+        if len(data) <= SMALL_PUT:
+            await self._call("put", key, lambda: self._put_small(key, data))
+            return
         c = self._client
         md5 = await _content_md5_async(data)
 
@@ -308,6 +332,34 @@ class ObjectStore:
             )
 
         await self._call("put", key, go)
+
+    async def _put_small(self, key: str, data: bytes) -> None:
+        """One PUT signed by `s3put`; a refusal becomes the ClientError botocore would
+        raise, so `_error` maps both paths' failures the same way."""
+        assert self._http is not None and self._keys is not None
+        t = self.target
+        url, host, path = s3put.object_url(t.endpoint, t.bucket, self._key(key), t.path_style)
+        headers = s3put.sign(
+            "PUT",
+            host,
+            path,
+            {"Content-MD5": _content_md5(data)},
+            *self._keys,
+            t.region,
+            datetime.now(UTC),
+        )
+        async with self._http.put(yarl.URL(url, encoded=True), data=data, headers=headers) as r:
+            body = await r.read()
+            if r.status == 200:
+                return
+        code = _ERROR_CODE.search(body)
+        raise ClientError(
+            {
+                "Error": {"Code": code.group(1).decode(errors="replace") if code else ""},
+                "ResponseMetadata": {"HTTPStatusCode": r.status},
+            },
+            "PutObject",
+        )
 
     async def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes:
         """The object's bytes, or `[start, end)` of them."""

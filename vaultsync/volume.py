@@ -143,6 +143,9 @@ class Volume:
         self.listeners: list[Callable[[bool], None]] = []
         # Set by the replicator: waits until the synchronous targets hold `durable_pos`.
         self.replicate: Callable[[tuple[int, int], int], Awaitable[None]] | None = None
+        # Set by the replicator with `replicate`: have the sync targets start on the
+        # journal up to a position now, without waiting (`ship_now`).
+        self.replicate_soon: Callable[[tuple[int, int], int], None] | None = None
         # Set by the replicator: read a chunk record from the targets (verified by id).
         self.fetch_remote: Callable[[Location, bytes], Awaitable[bytes]] | None = None
         # While GC decides what is garbage, every chunk id a new transaction refers to
@@ -414,6 +417,13 @@ class Volume:
             await asyncio.gather(self._sync_local(), self.replicate(pos, lsn))
         else:
             await self._sync_local()
+
+    def ship_now(self) -> None:
+        """Start sending what is committed to the synchronous targets, ahead of an fsync
+        expected to follow: its wait then finds the upload already on its way. Tail bytes
+        may reach a target before they are durable here (docs/format.md §2.2)."""
+        if self.replicate_soon is not None:
+            self.replicate_soon((self.journal.segno, self.journal.size), self.last_lsn)
 
     async def _sync_local(self) -> None:
         target = self.last_lsn
