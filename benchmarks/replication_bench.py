@@ -7,8 +7,10 @@ Needs root (or /dev/fuse and fusermount3) and the `weed` binary. One SeaweedFS
 is started on loopback for the whole run; every volume gets a bucket of its own
 and a real mount daemon (tests/mounting.py). In order:
 
-1. The floor: a bare 4 KiB PUT (ObjectStore.put, a new key each time) to that
-   SeaweedFS, p50 and p99.
+1. The floor: a bare 4 KiB PUT (ObjectStore.put, a new key each time: the
+   request every tail piece is) to that SeaweedFS, p50 and p99; and for
+   reference the same PUT through botocore's put_object (what ObjectStore.put
+   was before small bodies were signed by s3put.py, about 0.8 ms slower here).
 2. 4 KiB write + fsync, --iterations times each (after a few untimed warm-up
    rounds), on a plain local directory, on a mount with one async target and
    on a mount with one sync target (both with the product's default segment
@@ -184,19 +186,29 @@ def write_fsync_latency(
     return out
 
 
-async def put_latency(target: TargetConfig, iterations: int) -> list[float]:
-    """Seconds per bare 4 KiB PUT, each to a new key, with the replicator's client settings."""
+async def put_latency(target: TargetConfig, iterations: int) -> tuple[list[float], list[float]]:
+    """Seconds per bare 4 KiB PUT, each to a new key, with the replicator's client settings:
+    through ObjectStore.put (what tail pieces use), and through botocore's put_object for
+    reference (the path every PUT took before small ones were signed in s3put.py)."""
     n = WARMUP + iterations
     bufs = [os.urandom(SMALL) for _ in range(n)]
     lat: list[float] = []
+    boto: list[float] = []
     async with ObjectStore(target, connect_timeout=3, read_timeout=30, max_attempts=3) as store:
+        client = store._client  # the reference only: a benchmark may look inside
         for i in range(n):
             t0 = time.perf_counter()
             await store.put(f"bench/put/{i:06d}", bufs[i])
             dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await client.put_object(
+                Bucket=target.bucket, Key=f"{target.prefix}bench/boto/{i:06d}", Body=bufs[i]
+            )
+            db = time.perf_counter() - t0
             if i >= WARMUP:
                 lat.append(dt)
-    return lat
+                boto.append(db)
+    return lat, boto
 
 
 class PutProbe:
@@ -427,10 +439,11 @@ class Bench:
 
     # phases
     def floor(self) -> None:
-        lat = asyncio.run(put_latency(self.target("async"), self.args.iterations))
+        lat, boto = asyncio.run(put_latency(self.target("async"), self.args.iterations))
         self.rows += [
             Row("bare 4 KiB PUT p50 (standalone, first)", ms(pct(lat, 0.5))),
             Row("bare 4 KiB PUT p99 (standalone, first)", ms(pct(lat, 0.99))),
+            Row("  reference: the same PUT through botocore, p50", ms(pct(boto, 0.5))),
         ]
 
     def latency_rows(self, label: str, lat: Latency, sync: bool) -> None:

@@ -1490,3 +1490,46 @@ async def test_sequential_reads_fetch_each_chunk_once(fs: FileSystem) -> None:
         got += await fs.read(ino, off, step)
     assert bytes(got) == content
     assert len(asked) == len(set(asked)) == 64, f"{len(asked) - len(set(asked))} fetched twice"
+
+
+async def test_a_write_fsync_rhythm_ships_the_next_write_ahead_of_its_fsync(
+    fs: FileSystem,
+) -> None:
+    """After KICK_STREAK fsyncs that each followed one write, the next small write is
+    committed and handed to the sync targets at once; a second write before the fsync is
+    not, and ends the rhythm; without sync targets nothing is committed ahead."""
+    asked: list[tuple[tuple[int, int], int]] = []
+    ino = await _new_file(fs)
+
+    async def settle() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    fs.vol.replicate_soon = lambda pos, lsn: asked.append((pos, lsn))
+    for k in range(FileSystem.KICK_STREAK):
+        await fs.write(ino, 0, bytes([k]) * 100)
+        await settle()
+        assert not asked, "shipped ahead before the rhythm was seen"
+        await fs.fsync(ino)
+    lsn = fs.vol.last_lsn
+    await fs.write(ino, 0, b"z" * 100)
+    await settle()
+    assert asked and asked[-1][1] == lsn + 1, "the write was not committed and shipped"
+    assert asked[-1][0] == (fs.vol.journal.segno, fs.vol.journal.size)
+    assert await fs.read(ino, 0, 100) == b"z" * 100
+    # A second write before the fsync is not shipped ahead; and that fsync, after two
+    # writes, breaks the rhythm: the next write is not either.
+    n = len(asked)
+    await fs.write(ino, 0, b"y" * 100)
+    await settle()
+    await fs.fsync(ino)
+    await fs.write(ino, 0, b"x" * 100)
+    await settle()
+    assert len(asked) == n
+    assert await fs.read(ino, 0, 100) == b"x" * 100
+    fs.vol.replicate_soon = None
+    for k in range(FileSystem.KICK_STREAK + 1):
+        await fs.fsync(ino)
+        await fs.write(ino, 0, bytes([k]) * 100)
+    await settle()
+    assert fs.files[ino].dirty, "committed ahead with no sync target to ship to"

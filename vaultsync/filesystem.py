@@ -1002,6 +1002,7 @@ class FileSystem:
         self._writes_since_fsync += 1
         if (
             self._fsync_streak < self.KICK_STREAK
+            or self._writes_since_fsync > 1  # only the first write after an fsync
             or size > self.KICK_MAX
             or getattr(self.vol, "replicate_soon", None) is None
         ):
