@@ -49,6 +49,9 @@ class FileData:
         self.ctime_ns = 0
         self.dirty_since = 0.0
         self.size_dirty = False
+        # The write-fsync rhythm (filesystem.py ships a write ahead of its fsync).
+        self.writes_since_fsync = 0
+        self.fsync_streak = 0  # fsyncs in a row that followed exactly one write
         # Bumped whenever a block's stored content may change under a reader (a flush
         # took the dirty blocks, a truncate cut them): a write that loaded a block's base
         # before such a change must load it again, or it would resurrect old bytes.

@@ -158,8 +158,6 @@ class FileSystem:
         # Weak: a lock lives as long as someone holds or awaits it, then goes by itself.
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._next_ino = max(self.cat.max_ino(), ROOT_INO) + 1
-        self._writes_since_fsync = 0  # writes, any file, since the last fsync
-        self._fsync_streak = 0  # fsyncs in a row that followed exactly one write
         # With the kernel's writeback cache, the kernel owns a regular file's mtime and
         # ctime: it stamps them on write() and O_TRUNC with its own (coarse) clock and
         # sends them in a setattr. Stamping them here as well, with another clock, would
@@ -846,7 +844,7 @@ class FileSystem:
             pos += take
             view = view[take:]
         fd.extend_to(offset + len(data), None if self.kernel_cmtime else time.time_ns())
-        self._maybe_kick(ino, len(data))
+        self._maybe_kick(ino, fd, len(data))
         if self.dirty_bytes > self.dirty_limit:
             await self.flush_some()
         elif len(fd.blocks) * bs >= self.flush_bytes:
@@ -982,27 +980,30 @@ class FileSystem:
                 fd.truncated(size)
                 self.dirty_bytes -= before - fd.dirty_bytes
 
-    # An application that fsyncs after every write (a database's log) pays, before the
-    # upload to a sync target can start, the FSYNC request's round trip and the commit.
-    # Once the last KICK_STREAK fsyncs each followed exactly one write, a small write is
-    # committed and its tail sent at once, in the background while the write's reply
-    # goes back: the fsync that follows finds the upload on its way. A write that is not
-    # followed by an fsync breaks the streak; nothing changes without sync targets.
+    # An application that fsyncs a file after every write (a database's log) pays,
+    # before the upload to a sync target can start, the FSYNC request's round trip and
+    # the commit. Once that file's last KICK_STREAK fsyncs each followed exactly one
+    # write, its next small write is committed and its tail sent at once, in the
+    # background while the write's reply goes back: the fsync that follows finds the
+    # upload on its way. A second write before the fsync breaks the rhythm; nothing
+    # changes without sync targets. (Sending data before it is asked to be durable
+    # promises nothing more: it is just early.)
     KICK_STREAK = 2
     KICK_MAX = 256 * 1024
 
     async def fsync(self, ino: int) -> None:
-        single = self._writes_since_fsync == 1
-        self._fsync_streak = self._fsync_streak + 1 if single else 0
-        self._writes_since_fsync = 0
+        fd = self.files.get(ino)
+        if fd is not None:
+            fd.fsync_streak = fd.fsync_streak + 1 if fd.writes_since_fsync == 1 else 0
+            fd.writes_since_fsync = 0
         await self.flush(ino)
         await self.vol.sync()
 
-    def _maybe_kick(self, ino: int, size: int) -> None:
-        self._writes_since_fsync += 1
+    def _maybe_kick(self, ino: int, fd: FileData, size: int) -> None:
+        fd.writes_since_fsync += 1
         if (
-            self._fsync_streak < self.KICK_STREAK
-            or self._writes_since_fsync > 1  # only the first write after an fsync
+            fd.fsync_streak < self.KICK_STREAK
+            or fd.writes_since_fsync > 1  # only the first write after an fsync
             or size > self.KICK_MAX
             or getattr(self.vol, "replicate_soon", None) is None
         ):
