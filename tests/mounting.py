@@ -13,6 +13,13 @@ from pathlib import Path
 from vaultsync.fuse.mount import lazy_unmount, mounted_at
 
 
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`vaultsync ARGS...` in a child process, as an operator runs it; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "vaultsync", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 @dataclass
 class Mount:
     """One volume (state + config) and, while mounted, its daemon process."""

@@ -17,8 +17,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +29,7 @@ from vaultsync.replication.gc import GcReport
 from vaultsync.replication.replicator import Replicator
 
 from tests.conftest import target_for
-from tests.mounting import Mount
+from tests.mounting import Mount, cli
 from tests.test_recovery import PointMount, _targets_toml
 from vaultsync.config import Config
 from vaultsync.layout import checkpoint_key, parse_segment_key
@@ -350,12 +348,6 @@ async def _drive(cfg: Config, plan: list[tuple[object, ...]], root: Path) -> lis
         await vol.close()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vaultsync", *args], capture_output=True, text=True, timeout=300
-    )
-
-
 def test_gc_command_on_a_mounted_and_an_unmounted_volume(
     tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider
 ) -> None:
@@ -376,21 +368,21 @@ def test_gc_command_on_a_mounted_and_an_unmounted_volume(
                 (m.mountpoint / f"f{i}").write_bytes(os.urandom(20_000) * (round_no + 1))
             os.sync()
             time.sleep(1.0)  # sealed, shipped, checkpointed
-        res = _cli("gc", str(m.config), "--json")
+        res = cli("gc", str(m.config), "--json")
         assert res.returncode == 0, res.stderr
         mounted_report = json.loads(res.stdout)
         assert mounted_report["ok"] and mounted_report["segments_deleted"], mounted_report
-        res = _cli("gc", str(m.config), "--dry-run")
+        res = cli("gc", str(m.config), "--dry-run")
         assert res.returncode == 1 and "--dry-run needs the volume unmounted" in res.stderr
         want = {p.name: p.read_bytes() for p in m.mountpoint.iterdir()}
     finally:
         m.umount()
-    res = _cli("gc", str(m.config), "--dry-run", "--json")
+    res = cli("gc", str(m.config), "--dry-run", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["dry_run"]
-    res = _cli("gc", str(m.config))
+    res = cli("gc", str(m.config))
     assert res.returncode == 0 and "retained:" in res.stdout, res.stderr
-    res = _cli("points", str(m.config), "--json")
+    res = cli("points", str(m.config), "--json")
     assert res.returncode == 0, res.stderr
     for target in ("sw", "rc"):
         mnt = tmp_path / f"pt-{target}"
@@ -400,5 +392,5 @@ def test_gc_command_on_a_mounted_and_an_unmounted_volume(
             assert {p.name: p.read_bytes() for p in mnt.iterdir()} == want
         finally:
             pm.close()
-    res = _cli("mount", str(m.config), str(tmp_path / "pt-sw"), "--from", "sw", "--at", "2")
+    res = cli("mount", str(m.config), str(tmp_path / "pt-sw"), "--from", "sw", "--at", "2")
     assert res.returncode == 1 and "no longer retained" in res.stderr, res.stderr

@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -32,7 +30,7 @@ from vaultsync.replication.shipper import Shipper
 
 from tests.conftest import _credentials_file, target_for
 from tests.faultproxy import FaultProxy
-from tests.mounting import Mount
+from tests.mounting import Mount, cli
 from vaultsync.config import Config
 from vaultsync.errors import ReadOnlyVolumeError
 from vaultsync.filesystem import FileSystem
@@ -410,12 +408,7 @@ def test_promotion_loses_no_fsync_the_old_writer_acknowledged(
                 writer.start()
                 assert proxy.wait_held(1, 15), "A's tail PUT never reached the proxy"
                 t0 = time.monotonic()
-                res = subprocess.run(
-                    [sys.executable, "-m", "vaultsync", "promote", str(b_cfg), "--from", "sw"],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
+                res = cli("promote", str(b_cfg), "--from", "sw", timeout=120)
                 took = time.monotonic() - t0
                 assert res.returncode == 0, res.stderr
                 assert "epoch 1" in res.stdout

@@ -24,18 +24,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import _credentials_file
-from tests.mounting import Mount
+from tests.mounting import Mount, cli
 from tests.test_recovery import PointMount, _tree
 from vaultsync.providers import LocalProvider
 
 VOLUME = 'segment_size = "1MiB"\nsegment_max_age = 0.3\n'
 REPL = "[replication]\ncheckpoint_every = 5\ncheckpoint_check = 0.2\n"
-
-
-def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vaultsync", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def target_block(name: str, p: LocalProvider, bucket: str, mode: str = "async") -> str:

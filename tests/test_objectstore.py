@@ -33,6 +33,16 @@ def minio_for(p: LocalProvider) -> Minio:
     )
 
 
+def landed(p: LocalProvider, bucket: str, key: str) -> bytes:
+    """An object's bytes as a client that shares no code with ours reads them."""
+    obj = minio_for(p).get_object(bucket, key)
+    try:
+        return obj.read()
+    finally:
+        obj.close()
+        obj.release_conn()
+
+
 async def test_put_get_head_list_delete(provider: LocalProvider, make_target: MakeTarget) -> None:
     t = make_target(provider, prefix="some/prefix")
     data = os.urandom(300_000)
@@ -53,12 +63,7 @@ async def test_put_get_head_list_delete(provider: LocalProvider, make_target: Ma
         with pytest.raises(ObjectMissingError):
             await s.get("segments/0000000000000002.seg")
     # What landed, read by a client that shares no code with ours, under the prefix.
-    m = minio_for(provider)
-    obj = m.get_object(t.bucket, "some/prefix/segments/0000000000000001.seg")
-    try:
-        assert obj.read() == data
-    finally:
-        obj.close()
+    assert landed(provider, t.bucket, "some/prefix/segments/0000000000000001.seg") == data
 
 
 async def test_large_bodies_land_whole_both_ways_of_putting(
@@ -72,14 +77,8 @@ async def test_large_bodies_land_whole_both_ways_of_putting(
         await s.put("segments/0000000000000001.seg", data)
         assert await s.put_new("segments/0000000000000002.seg", data[::-1])
         assert not await s.put_new("segments/0000000000000002.seg", data)
-    m = minio_for(provider)
     for key, want in (("1", data), ("2", data[::-1])):
-        obj = m.get_object(t.bucket, f"big/segments/000000000000000{key}.seg")
-        try:
-            assert obj.read() == want
-        finally:
-            obj.close()
-        obj.release_conn()
+        assert landed(provider, t.bucket, f"big/segments/000000000000000{key}.seg") == want
 
 
 async def test_list_pages_through_many_objects(
@@ -196,14 +195,8 @@ async def test_small_puts_land_byte_for_byte_with_any_key(
             await s.put(key, data)
         for key, data in bodies.items():
             assert await s.get(key) == data
-    m = minio_for(provider)
     for key, data in bodies.items():
-        obj = m.get_object(t.bucket, f"odd prefix/{key}")
-        try:
-            assert obj.read() == data
-        finally:
-            obj.close()
-        obj.release_conn()
+        assert landed(provider, t.bucket, f"odd prefix/{key}") == data
 
 
 async def test_small_put_refusals_map_as_botocore_ones_do(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import Mount
+from tests.mounting import Mount, cli
 from tests.test_recovery import PointMount, _targets_toml
 from vaultsync.lease import TEST_WINDOW_ENV
 from vaultsync.providers import LocalProvider
@@ -56,12 +56,7 @@ def test_promotion_fences_the_old_writer(
         # A's fsynced write lives only in tail pieces of its open segment at sw.
         _fsync_write(a.mountpoint / "before", b"written by A before the failover")
         t0 = time.monotonic()
-        res = subprocess.run(
-            [sys.executable, "-m", "vaultsync", "promote", str(b_cfg), "--from", "sw"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        res = cli("promote", str(b_cfg), "--from", "sw", timeout=120)
         assert res.returncode == 0, res.stderr
         assert "epoch 1" in res.stdout and "sealed here" in res.stdout
         # sw held tail pieces of A's open segment: B waited A's lease out before reading.
