@@ -140,6 +140,9 @@ class Catalog:
         # always equals the row (a failed transaction changes neither).
         self._inodes: dict[int, Inode] = {}
         self._unsaved = False  # applied since the last commit wrote meta.last_lsn
+        # Bumped by every operation that changes some file's block map: a reader that
+        # saw the same value before and after an await knows no map changed meanwhile.
+        self.blocks_gen = 0
 
     @classmethod
     def open(cls, path: Path, *, bulk: bool = False) -> Catalog:
@@ -312,6 +315,7 @@ class Catalog:
                     ),
                 )
             case DropInode():
+                self.blocks_gen += 1
                 x("DELETE FROM inodes WHERE ino=?", (op.ino,))
                 x("DELETE FROM blocks WHERE ino=?", (op.ino,))
                 x("DELETE FROM xattrs WHERE ino=?", (op.ino,))
@@ -324,6 +328,7 @@ class Catalog:
             case DropDirent():
                 x("DELETE FROM dirents WHERE parent=? AND name=?", (op.parent, op.name))
             case SetBlocks():
+                self.blocks_gen += 1
                 holes = [(op.ino, b) for b, cid, _ in op.blocks if cid is None]
                 sets = [
                     (op.ino, b, bytes.fromhex(cid), n) for b, cid, n in op.blocks if cid is not None
@@ -337,6 +342,7 @@ class Catalog:
                         sets,
                     )
             case TruncateBlocks():
+                self.blocks_gen += 1
                 x("DELETE FROM blocks WHERE ino=? AND blockno>=?", (op.ino, op.first))
             case SetXattr():
                 if op.value is None:

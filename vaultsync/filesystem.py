@@ -635,6 +635,7 @@ class FileSystem:
         (unless not `remap`: then as it was when it began).
         """
         fd = self.files.get(ino)
+        gen = self.cat.blocks_gen
         stored = self.cat.block_range(ino, first, last)
         want: dict[bytes, None] = {}
         fetching: set[asyncio.Future[None]] = set()
@@ -663,9 +664,9 @@ class FileSystem:
                 done.set_result(None)  # waiters go on; a chunk not cached is read singly
         if fetching:
             await asyncio.gather(*(asyncio.shield(f) for f in fetching))
-        if not remap:
+        if not remap or self.cat.blocks_gen == gen:
             return stored
-        return self.cat.block_range(ino, first, last)  # it may have changed meanwhile
+        return self.cat.block_range(ino, first, last)  # it changed meanwhile
 
     def _read_ahead(self, ino: int, first: int, last: int) -> None:
         if ino in self._prefetching:
