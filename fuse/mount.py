@@ -20,12 +20,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from vaultsync.config import Config
 from vaultsync.errors import VaultsyncError
 from vaultsync.filesystem import FileSystem
 from vaultsync.volume import Volume, has_volume
+
+if TYPE_CHECKING:
+    from vaultsync.fuse.operations import Operations
 
 log = logging.getLogger("vaultsync.mount")
 
@@ -143,7 +146,7 @@ def _fuse_options(name: str, *, read_only: bool) -> set[str]:
 READ_AHEAD_KB = 1024
 
 
-def _init_fuse(ops: object, mountpoint: Path, name: str, *, read_only: bool) -> None:
+def _init_fuse(ops: Operations, mountpoint: Path, name: str, *, read_only: bool) -> None:
     """Mount (pyfuse3.init; RuntimeError if the kernel refuses), then tune the mount."""
     import pyfuse3
 

@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -33,7 +33,7 @@ ATTR_TIMEOUT = 30.0
 ENTRY_TIMEOUT = 30.0
 
 
-def _errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """FsError becomes its errno; anything else is a bug, logged, and EIO for the caller."""
 
     @wraps(fn)

@@ -181,7 +181,8 @@ class _Run:
                 check_object, item, data, self.header, self.codec
             )
             return lsn
-        return check_object(item, data, self.header, self.codec)
+        small: int | None = check_object(item, data, self.header, self.codec)
+        return small
 
     async def fetch_good(self, item: Item) -> tuple[bytes, int | None]:
         """A verified copy of `item`: from A, else from any other target that has one."""

@@ -105,7 +105,8 @@ class Replicator:
             shippers = self.shippers  # the live list: targets added later are used too
 
             async def fetch(loc: Location, cid: bytes) -> bytes:
-                return await fetch_chunk(shippers, self.vol, loc, cid)
+                data: bytes = await fetch_chunk(shippers, self.vol, loc, cid)
+                return data
 
             self.vol.fetch_remote = fetch
 
@@ -276,7 +277,7 @@ class Replicator:
                     sh.health.reason,
                 )
             return False
-        return sh.in_sync
+        return bool(sh.in_sync)
 
     def _request_sync(self, pos: tuple[int, int], lsn: int) -> None:
         for s in self.shippers:
@@ -368,7 +369,8 @@ class Replicator:
         built = await build_checkpoint(self.vol)
         if built is None:
             return None
-        return Checkpoint(*built, complete=built[0] <= sealed_to)
+        lsn, when, body = built
+        return Checkpoint(lsn, when, body, complete=lsn <= sealed_to)
 
     async def _send_checkpoints(self, deadline: float | None = None) -> None:
         """Upload to each target the newest pending checkpoint it can take now.
