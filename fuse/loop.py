@@ -54,6 +54,7 @@ class _Running:
 
 
 running = _Running()
+_closing: set[int] = set()  # session descriptors pyfuse3 is closing (terminate)
 
 
 def enable(busy_poll: float = DEFAULT_BUSY_POLL) -> None:
@@ -61,12 +62,23 @@ def enable(busy_poll: float = DEFAULT_BUSY_POLL) -> None:
 
     global _busy_poll
     _busy_poll = max(0.0, busy_poll)  # the last mount's setting (tests mount several)
+    _closing.clear()  # a new session: descriptor numbers are reused
     shim.enable()
     original: Callable[[Any], Awaitable[None]] = shim.wait_readable
     if getattr(original, "vaultsync_fast", False):
         return  # already wrapped (a second mount in one process, as tests do)
     poller = select.poll()
     registered: set[int] = set()
+    notify_closing: Callable[[Any], None] = shim.notify_closing
+
+    def closing(fd: Any) -> None:
+        # pyfuse3.terminate() (SIGTERM, SIGINT) wakes the readers waiting in the
+        # original wait; one busy polling is not among them and must see it too, or
+        # it would go on to wait for a request that never comes.
+        _closing.add(fd)
+        notify_closing(fd)
+
+    shim.notify_closing = closing
 
     async def wait_readable(fd: Any) -> None:
         if fd not in registered:
@@ -74,6 +86,8 @@ def enable(busy_poll: float = DEFAULT_BUSY_POLL) -> None:
             registered.add(fd)
         deadline = 0.0
         while True:
+            if fd in _closing:
+                raise shim.ClosedResourceError()
             ready = poller.poll(0)
             if ready:
                 if ready[0][1] != select.POLLIN:
@@ -86,6 +100,8 @@ def enable(busy_poll: float = DEFAULT_BUSY_POLL) -> None:
             if now >= deadline or running.count:
                 break
             await asyncio.sleep(0)
+        if fd in _closing:
+            raise shim.ClosedResourceError()
         await original(fd)
 
     wait_readable.vaultsync_fast = True  # type: ignore[attr-defined]

@@ -174,6 +174,24 @@ def _raise_read_ahead(target: str) -> None:
         log.debug("read-ahead left at the kernel's default for %s: %s", target, e)
 
 
+class _Stop:
+    """A signal handler that ends the FUSE loop and remembers it did.
+
+    pyfuse3.main() returns the same way after the kernel unmounted us (umount,
+    fusermount) and after pyfuse3.terminate(); only in the second case is the
+    mount still there for close() to remove. (Looking at the mount point to find
+    out would be a request to this very filesystem, whose loop just ended.)
+    """
+
+    signalled = False
+
+    def __call__(self) -> None:
+        import pyfuse3
+
+        self.signalled = True
+        pyfuse3.terminate()
+
+
 async def _serve(
     cfg: Config,
     mountpoint: Path,
@@ -215,8 +233,9 @@ async def _serve(
         await vol.close()
         raise MountError(f"cannot mount at {mountpoint}: {e}") from None
     loop = asyncio.get_running_loop()
+    stop = _Stop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, pyfuse3.terminate)
+        loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGUSR1, repl.gc_now.set)  # `vaultsync gc`, mounted
     reloads: set[asyncio.Future[None]] = set()
 
@@ -277,7 +296,7 @@ async def _serve(
     unmounted = False
     try:
         await pyfuse3.main()
-        unmounted = True  # main() returns after the kernel unmounted us (umount/fusermount)
+        unmounted = not stop.signalled  # else the mount is still there: close() unmounts
     finally:
         if api is not None:
             await api.stop()
@@ -348,12 +367,13 @@ async def _serve_point(
             await vol.close()
             raise MountError(f"cannot mount at {mountpoint}: {e}") from None
         loop = asyncio.get_running_loop()
+        stop = _Stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, pyfuse3.terminate)
+            loop.add_signal_handler(sig, stop)
         unmounted = False
         try:
             await pyfuse3.main()
-            unmounted = True
+            unmounted = not stop.signalled
         finally:
             pyfuse3.close(unmount=not unmounted)
             await vol.close()

@@ -113,3 +113,24 @@ async def test_other_tasks_run_while_it_polls(slept: list[int], pipe: tuple[int,
     writer.join()
     assert seen and seen[0] < 0.08, f"the other task waited {seen} for the polling to end"
     assert slept == []
+
+
+async def test_a_reader_busy_polling_when_the_session_closes_stops(
+    slept: list[int], pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyfuse3.terminate() (SIGTERM) wakes the readers sleeping in epoll; one that is busy
+    polling at that moment must stop too, not go on to sleep for a request that never
+    comes (the daemon then never unmounted on SIGTERM)."""
+    monkeypatch.setattr(shim, "notify_closing", lambda fd: None)
+    fuse_loop.enable(busy_poll=0.5)
+    r, w = pipe
+    waiting = asyncio.ensure_future(shim.wait_readable(r))
+    await asyncio.sleep(0.01)  # inside its polling window
+    shim.notify_closing(r)
+    with pytest.raises(shim.ClosedResourceError):
+        await asyncio.wait_for(waiting, 0.3)
+    assert slept == []
+    # The next session may get the same descriptor number: it is waited on as usual.
+    fuse_loop.enable(busy_poll=0.0)
+    os.write(w, b"x")
+    await shim.wait_readable(r)

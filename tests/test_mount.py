@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,19 @@ def test_data_survives_umount_and_remount(mounted: Mount) -> None:
     mounted.start()
     assert (mounted.mountpoint / "f").read_bytes() == data
     assert (mounted.mountpoint / "d" / "link").read_bytes() == data
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_flushes_and_unmounts(mounted: Mount, sig: signal.Signals) -> None:
+    """SIGTERM and SIGINT flush and unmount: no mount is left behind (stale, ENOTCONN)."""
+    (mounted.mountpoint / "f").write_bytes(b"closed, not fsynced")
+    assert mounted.proc is not None
+    os.kill(mounted.proc.pid, sig)
+    assert mounted.proc.wait(60) == 0, mounted.log.read_text()[-2000:]
+    mounted.proc = None
+    assert mounted_at(mounted.mountpoint) is None
+    mounted.start()
+    assert (mounted.mountpoint / "f").read_bytes() == b"closed, not fsynced"
 
 
 def test_second_mount_of_the_same_volume_is_refused(mounted: Mount, tmp_path: Path) -> None:
