@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -129,5 +130,29 @@ async def test_a_patch_whose_base_went_is_stored_whole(tmp_path: Path) -> None:
         vol.catalog.commit()
         assert _patch_rows(state) == []
         assert await vol.read_chunk(prepared[0].id) == block
+    finally:
+        await vol.close()
+
+
+async def test_a_version_1_catalog_is_upgraded_when_opened(tmp_path: Path) -> None:
+    """A state directory (or checkpoint image) from before patches: chunks has no base."""
+    state = tmp_path / "state"
+    vol = await Volume.create(state, replace(new_header("p", BS, 3), format_version=1))
+    fs = FileSystem(vol)
+    data = os.urandom(BS + 10)
+    ino = await _file(fs, b"f", data)
+    await fs.release(ino)
+    await vol.close()
+    db = sqlite3.connect(state / CATALOG_FILE)
+    db.execute("DROP INDEX chunks_by_base")
+    db.execute("ALTER TABLE chunks DROP COLUMN base")
+    db.execute("UPDATE meta SET value=1 WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    vol = await Volume.open(state)
+    try:
+        assert vol.catalog.get_meta("schema_version") == 2
+        assert vol.catalog.patch_bases() == []
+        assert await FileSystem(vol).read(ino, 0, len(data) + 1) == data
     finally:
         await vol.close()
