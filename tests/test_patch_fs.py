@@ -102,11 +102,16 @@ async def test_small_rewrites_are_patches_and_read_back(tmp_path: Path, passphra
         await vol.close()
 
 
-async def test_a_version_1_volume_gets_no_patches(tmp_path: Path) -> None:
-    state = tmp_path / "state"
+async def _version_1(state: Path, data: bytes) -> tuple[Volume, FileSystem, int]:
+    """A volume as vaultsync wrote them before patches, holding one file of `data`."""
     vol = await Volume.create(state, replace(new_header("p", BS, 3), format_version=1))
     fs = FileSystem(vol)
-    ino = await _file(fs, b"f", os.urandom(2 * BS))
+    return vol, fs, await _file(fs, b"f", data)
+
+
+async def test_a_version_1_volume_gets_no_patches(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    vol, fs, ino = await _version_1(state, os.urandom(2 * BS))
     for off in range(0, 2 * BS, 8 * KiB):
         await fs.write(ino, off, b"x" * 100)
         await fs.fsync(ino)
@@ -137,10 +142,8 @@ async def test_a_patch_whose_base_went_is_stored_whole(tmp_path: Path) -> None:
 async def test_a_version_1_catalog_is_upgraded_when_opened(tmp_path: Path) -> None:
     """A state directory (or checkpoint image) from before patches: chunks has no base."""
     state = tmp_path / "state"
-    vol = await Volume.create(state, replace(new_header("p", BS, 3), format_version=1))
-    fs = FileSystem(vol)
     data = os.urandom(BS + 10)
-    ino = await _file(fs, b"f", data)
+    vol, fs, ino = await _version_1(state, data)
     await fs.release(ino)
     await vol.close()
     db = sqlite3.connect(state / CATALOG_FILE)
