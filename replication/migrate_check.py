@@ -65,8 +65,9 @@ def check_segment(data: bytes, segno: int, header: VolumeHeader, codec: Codec) -
                 base_id = seg.patch_base(rec)
                 if base_id is None:
                     plain = codec.decode_chunk(rec)  # raises unless it hashes to its id
-                    if rec.payload[:32] in want:
-                        bases[rec.payload[:32]] = plain
+                    cid = rec.payload[: seg.CHUNK_ID_SIZE]
+                    if cid in want:
+                        bases[cid] = plain
                 elif base_id in bases:
                     codec.decode_chunk(rec, base=bases[base_id])
                 else:  # its base is in an earlier segment: form (and tag, encrypted) only

@@ -205,12 +205,10 @@ class Shipper:
 
     async def _read_async(self, segno: int, start: int, end: int | None) -> bytes:
         # A small tail is in the page cache: a thread hop would cost more than the read.
+        read = self.vol.journal.read_range
         if end is not None and end - start <= 256 * 1024:
-            return self._read(segno, start, end)
-        return await in_background(self._read, segno, start, end)
-
-    def _read(self, segno: int, start: int, end: int | None) -> bytes:
-        return self.vol.journal.read_range(segno, start, end)
+            return read(segno, start, end)
+        return await in_background(read, segno, start, end)
 
     async def step(self) -> bool:
         """Ship the next thing; False when there is nothing to do."""

@@ -22,6 +22,7 @@ from vaultsync.crypto import Sealer, VolumeKeys
 from vaultsync.errors import CorruptRecordError
 from vaultsync.patch import PatchPlan, Range
 from vaultsync.segment import (
+    CHUNK_ID_SIZE,
     FLAG_ENCRYPTED,
     FLAG_PATCH,
     FLAG_ZSTD,
@@ -30,7 +31,6 @@ from vaultsync.segment import (
     patch_base,
 )
 
-CHUNK_ID_SIZE = 32
 _LSN = struct.Struct("<Q")
 # Below this a transaction is stored as it is: zstd would save a few dozen bytes
 # of a few hundred and cost more than the rest of the commit (every metadata op).

@@ -32,7 +32,11 @@ class Origin:
     cid: bytes
     keep: int
     ranges: list[Range] = field(default_factory=list)
-    size: int = 0  # bytes in ranges
+
+    @property
+    def size(self) -> int:
+        """Bytes written over the origin's (at most PATCH_RANGES ranges: cheap)."""
+        return sum(n for _o, n in self.ranges)
 
 
 class FileData:
@@ -108,7 +112,6 @@ class FileData:
         o = self.origins.get(blockno)
         if o is not None:
             add_range(o.ranges, offset, len(data))
-            o.size = sum(n for _o, n in o.ranges)
             if o.size * PATCH_SHARE > self.block_size or len(o.ranges) > PATCH_RANGES:
                 del self.origins[blockno]  # too much changed: whole is cheaper to read
         return len(buf) - before
@@ -180,7 +183,6 @@ class FileData:
                 if o is not None:
                     o.keep = min(o.keep, size % bs)
                     o.ranges = clip(o.ranges, size % bs)
-                    o.size = sum(n for _o, n in o.ranges)
         if last in self.inflight and len(self.inflight[last]) > size % bs:
             self.inflight[last] = self.inflight[last][: size % bs]
         self.size = self.stored_size = size

@@ -900,7 +900,11 @@ class FileSystem:
         self.dirty_bytes -= sum(len(v) for v in snap.values())
         committed = False
         try:
-            plans = [await self._patch_plan(origins.get(b), data) for b, data in snap.items()]
+            plans = (
+                [await self._patch_plan(origins.get(b), data) for b, data in snap.items()]
+                if origins  # a streaming writer's whole blocks have none
+                else []
+            )
             prepared = await self.vol.prepare_chunks(list(snap.values()), plans)
             i = self.cat.inode(ino)
             if i is None:

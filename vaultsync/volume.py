@@ -331,15 +331,13 @@ class Volume:
         plan = self._plans.get(cid)
         if plan is not None:
             return plan
-        base = self.catalog.chunk_base(cid)
+        if self.catalog.chunk_base(cid) is None:
+            return None  # a whole chunk (the common case: one query)
         loc = self.catalog.chunk_location(cid)
-        if base is None or loc is None:
+        if loc is None:
             return None
         try:
-            rec = self.journal.read_if_cached(loc)
-            if rec is None:
-                rec = await asyncio.to_thread(self.journal.read, loc)
-            base, keep, ranges = self.codec.patch_info(rec)
+            base, keep, ranges = self.codec.patch_info(await self._record(loc))
         except (OSError, FormatError, CryptoError):
             return None  # unreadable here: the caller stores the block whole
         plan = PatchPlan(base, keep, tuple(ranges))
@@ -603,6 +601,11 @@ class Volume:
     def last_lsn(self) -> int:
         return self._next_lsn - 1
 
+    async def _record(self, loc: Location) -> seg.Record:
+        """A small record: read here if it is in the page cache, else in a thread."""
+        rec = self.journal.read_if_cached(loc)
+        return rec if rec is not None else await asyncio.to_thread(self.journal.read, loc)
+
     async def read_chunk(self, cid: bytes) -> bytes:
         loc = self.catalog.chunk_location(cid)
         if loc is None:
@@ -624,9 +627,7 @@ class Volume:
             except PatchNeedsBase as p:
                 # A patch (small): its base first, then the patch over it, here.
                 base = await self.read_chunk(p.base)
-                rec = self.journal.read_if_cached(loc)  # just read: in the page cache
-                if rec is None:
-                    rec = await asyncio.to_thread(self.journal.read, loc)
+                rec = await self._record(loc)  # just read: in the page cache
                 return self.codec.decode_chunk(rec, expect_id=cid, base=base)
         except (OSError, FormatError, CryptoError) as e:
             if self.fetch_remote is None:
