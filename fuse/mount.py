@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING
 from vaultsync.config import Config
 from vaultsync.errors import VaultsyncError
 from vaultsync.filesystem import FileSystem
+from vaultsync.quietlog import Throttled
 from vaultsync.volume import Volume, has_volume
 
 if TYPE_CHECKING:
@@ -268,12 +269,16 @@ async def _serve(
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
+    failing = Throttled(log)
+
     async def housekeeping() -> None:
         while True:
             await asyncio.sleep(0.25)
             try:
                 await fs.flush_old()
                 await vol.maybe_seal()
+            except OSError as e:  # a full disk: retried every round, reported now and then
+                failing.warning("background flush failed, retrying: %s", e)
             except Exception:
                 log.exception("background flush failed")
 
@@ -303,11 +308,20 @@ async def _serve(
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
+        unsaved: VaultsyncError | None = None
         try:
-            await fs.flush_all()
-            # The kernel has let go of everything: unlinked-but-referenced inodes can go.
-            fs.drop_orphans()
-            await vol.maybe_seal(force=True)
+            try:
+                await fs.flush_all()
+            except VaultsyncError as e:  # a full disk: ship what was saved all the same
+                log.error("%s", e)
+                unsaved = e
+            try:
+                # The kernel has let go of everything: unlinked-but-referenced inodes go.
+                fs.drop_orphans()
+                await vol.maybe_seal(force=True)
+            except OSError as e:
+                # No room to record it: the next mount drops the orphans and seals.
+                log.error("could not seal the journal at unmount (%s); the next mount does", e)
             await repl.drain()
             # After the final shipping: recovery from each target then replays nothing.
             await repl.final_checkpoint()
@@ -315,6 +329,8 @@ async def _serve(
             pyfuse3.close(unmount=not unmounted)
             await repl.stop()
             await vol.close()
+        if unsaved is not None:
+            raise unsaved
         log.info("volume %s unmounted from %s; everything flushed", v.name, mountpoint)
 
 
@@ -542,8 +558,12 @@ def _running(pid: int) -> bool:
     return st.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def unmount(mountpoint: Path, timeout: float = 120) -> None:
-    """Flush, unmount, and wait for the daemon to finish and exit."""
+def unmount(mountpoint: Path, timeout: float = 120, force: bool = False) -> None:
+    """Flush, unmount, and wait for the daemon to finish and exit.
+
+    When the daemon cannot save what it buffers (its disk is full), nothing is
+    unmounted unless `force`: the operator can free space and retry, losing nothing.
+    """
     import pyfuse3
 
     mountpoint = mountpoint.resolve()
@@ -553,13 +573,22 @@ def unmount(mountpoint: Path, timeout: float = 120) -> None:
     if not fstype.startswith("fuse.vaultsync"):
         raise MountError(f"{mountpoint} is a {fstype} mount, not vaultsync; not touching it")
     pids = _daemon_pids(mountpoint)
-    with contextlib.suppress(OSError):
+    try:
         pyfuse3.syncfs(str(mountpoint))  # the kernel's cached writes, to the daemon
         fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)  # the daemon's buffers, to the journal (fsyncdir on the root)
         finally:
             os.close(fd)
+    except OSError as e:
+        # EROFS and the like: nothing to save (a point-in-time mount). These mean loss:
+        if not force and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise MountError(
+                f"the daemon could not save the changes it holds ({e.strerror}); "
+                f"{mountpoint} stays mounted and nothing was lost. Its log says why (a full "
+                "disk under the state directory, say): fix that and run umount again, or "
+                "`vaultsync umount --force` to unmount and give up the changes no fsync saved"
+            ) from None
     res = subprocess.run(
         [_fusermount(), "-u", str(mountpoint)], capture_output=True, text=True, timeout=60
     )

@@ -22,8 +22,11 @@ from vaultsync.fuse.loop import running
 from vaultsync.catalog import Inode
 from vaultsync.errors import ReadOnlyVolumeError, VaultsyncError
 from vaultsync.filesystem import FileSystem, FsError
+from vaultsync.quietlog import Throttled
 
 log = logging.getLogger("vaultsync.fuse")
+full = Throttled(log)
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -34,12 +37,18 @@ ENTRY_TIMEOUT = 30.0
 
 
 def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """FsError becomes its errno; anything else is a bug, logged, and EIO for the caller."""
+    """FsError becomes its errno, a full disk ENOSPC; anything else is a bug, logged, and EIO
+    for the caller."""
 
     @wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         running.count += 1
         try:
+            if args and args[0].fs.vol.catalog.stale:  # type: ignore[attr-defined]
+                # The catalog lost changes the journal has (a full disk): any answer
+                # could be stale. The next mount replays them.
+                full.warning("%s refused: the catalog must be rebuilt; remount", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO)
             return await fn(*args, **kwargs)
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
@@ -49,6 +58,13 @@ def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
             log.error("%s: %s", fn.__name__, e)
             ro = isinstance(e, ReadOnlyVolumeError)
             raise pyfuse3.FUSEError(errno.EROFS if ro else errno.EIO) from None
+        except OSError as e:
+            if e.errno not in OUT_OF_SPACE:
+                log.exception("%s failed", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            # The application is told what ext4 would tell it; what was fsynced is safe.
+            full.warning("%s: %s: the state directory's disk is full", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from None
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -232,7 +232,10 @@ class Replicator:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        self._write_status()
+        try:
+            self._write_status()
+        except OSError as e:  # a full disk, say: the status file is a view, never state
+            log.warning("could not write %s at shutdown: %s", STATUS_FILE, e)
         await self._stack.aclose()
 
     # -- events ------------------------------------------------------------------------
@@ -545,6 +548,8 @@ class Replicator:
         while True:
             try:
                 self._write_status()
+            except OSError as e:
+                log.warning("could not write %s: %s", STATUS_FILE, e)
             except Exception:
                 log.exception("could not write %s", STATUS_FILE)
             await asyncio.sleep(1.0)

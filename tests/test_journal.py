@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -258,6 +259,64 @@ def test_seal_returns_segno_first_lsn_size_and_starts_a_new_segment(tmp_path: Pa
         assert j.sealed_info(2) == (3, 3, size)
         assert _records(j) == recs + more
         assert _records(j, after=2) == more
+    finally:
+        j.close()
+
+
+def test_a_seal_without_room_for_the_next_segment_is_taken_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at a seal leaves the segment open and whole; the next seal works."""
+    j = _open(tmp_path)
+    recs = _commit(j, 1)
+    before = (j.segno, j.size, j.records)
+    real_write = os.write
+
+    def no_room(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", no_room)  # the next segment's header
+    with pytest.raises(OSError) as e:
+        j.seal()
+    monkeypatch.setattr(os, "write", real_write)
+    assert e.value.errno == errno.ENOSPC
+    assert (j.segno, j.size, j.records) == before
+    assert j.segment_numbers() == [1]  # the half-made file is gone again
+    assert (tmp_path / segment_name(1)).stat().st_size == j.size  # the seal record too
+    more = _commit(j, 2)  # appends go on in the same segment
+    j.sync()
+    assert _records(j) == recs + more
+    assert j.seal()[0] == 1
+    j.close()
+    j = _open(tmp_path, expect_lsn=2)
+    try:
+        assert j.segno == 2 and _records(j) == recs + more
+    finally:
+        j.close()
+
+
+def test_a_failed_append_leaves_nothing_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = _open(tmp_path)
+    recs = _commit(j, 1)
+    j.sync()  # lays runway ahead: the failed write below lands in it
+    size = j.size
+
+    def half(fd: int, parts: list[bytes], at: int) -> int:
+        os.pwrite(fd, b"\xff" * 10, at)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwritev", half)
+    with pytest.raises(OSError):
+        _commit(j, 2)
+    monkeypatch.undo()
+    assert j.size == size and j.last_lsn == 1
+    more = _commit(j, 2)  # the same LSN again, over the torn bytes
+    j.close()
+    j = _open(tmp_path, expect_lsn=2)
+    try:
+        assert _records(j) == recs + more
     finally:
         j.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,50 @@ async def test_catalog_ahead_of_journal_is_refused_without_cutting(tmp_path: Pat
     with pytest.raises(CorruptRecordError, match="catalog has applied LSN 6"):
         await Volume.open(state)
     assert newest.read_bytes() == damaged  # refusing must not make it worse
+
+
+async def _new_file(vol: Volume, ino: int) -> bytes:
+    data = os.urandom(3000)
+    prepared = await vol.prepare_chunks([data])
+    await vol.commit(file_ops(ino, b"f%d" % ino, [(prepared[0].id, len(data))]), prepared, True)
+    return data
+
+
+async def test_a_catalog_that_cannot_be_written_stops_the_volume_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite out of space may roll back the catalog's open batch. Applying anything after
+    that would commit a meta.last_lsn past transactions the catalog lost, and the next
+    open would never replay them: acknowledged files gone for good."""
+    state = tmp_path / "s"
+    vol = await make_volume(state)
+    contents = {ino: await _new_file(vol, ino) for ino in (100, 101)}
+    vol.catalog.commit()
+    contents |= {ino: await _new_file(vol, ino) for ino in (102, 103)}  # fsynced, batch open
+
+    def disk_full(*args: object) -> None:
+        vol.catalog.db.execute("ROLLBACK")  # what SQLite may do on SQLITE_FULL
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(vol.catalog, "_apply", disk_full)
+    with pytest.raises(VolumeError, match="could not be written"):
+        await _new_file(vol, 104)
+    monkeypatch.undo()
+    assert vol.read_only and vol.catalog.stale
+    with pytest.raises(VolumeError):
+        await _new_file(vol, 105)
+    with pytest.raises(VolumeError):
+        vol.catalog.commit()
+    await vol.close()
+    vol = await Volume.open(state)
+    try:
+        for ino, data in contents.items():
+            assert await read_file(vol, ino) == data
+        assert vol.catalog.inode(104) is not None  # in the journal before SQLite refused
+        assert vol.catalog.inode(105) is None  # refused before the journal took it
+        await _new_file(vol, 106)
+    finally:
+        await vol.close()
 
 
 async def test_wrong_passphrase_is_refused(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vaultsync.errors import VolumeError
 from vaultsync.journal import Location
 from vaultsync.segment import CHUNK_ID_SIZE, Record, patch_base
 from vaultsync.txn import (
@@ -143,6 +144,13 @@ class Catalog:
         # Bumped by every operation that changes some file's block map: a reader that
         # saw the same value before and after an await knows no map changed meanwhile.
         self.blocks_gen = 0
+        # The write SQLite refused (a full disk), after which this catalog applies and
+        # commits nothing more. INVARIANT: meta.last_lsn never names a transaction the
+        # catalog lacks, so the next open replays from the journal whatever was lost.
+        self.failed: sqlite3.Error | None = None
+        # ...and lost its uncommitted batch with it: what it answers is older than the
+        # journal, so nothing may be read from it either.
+        self.stale = False
 
     @classmethod
     def open(cls, path: Path, *, bulk: bool = False) -> Catalog:
@@ -181,12 +189,28 @@ class Catalog:
         applying a whole transaction. Until then a crash loses them from the
         catalog only; the journal has them and replay restores them.
         """
-        if self.db.in_transaction:
-            if self._unsaved:
-                self.set_meta("last_lsn", self._last_lsn)
-                self.set_meta("max_ino", self._max_ino)
+        self._check_failed()
+        try:
+            if self.db.in_transaction:
+                if self._unsaved:
+                    self.set_meta("last_lsn", self._last_lsn)
+                    self.set_meta("max_ino", self._max_ino)
+                self.db.execute("COMMIT")
                 self._unsaved = False
-            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._fail(e)
+            raise
+
+    def _fail(self, e: sqlite3.Error) -> None:
+        self.failed = e
+        self.stale = self._unsaved and not self.db.in_transaction
+
+    def _check_failed(self) -> None:
+        if self.failed is not None:
+            raise VolumeError(
+                f"the catalog could not be written ({self.failed}) and takes no more "
+                "changes; remount to have it rebuilt from the journal"
+            )
 
     def end_bulk(self, path: Path, durable: bool = True) -> None:
         """After a bulk rebuild: commit, switch to the normal WAL mode, and (if `durable`)
@@ -205,7 +229,8 @@ class Catalog:
                 os.close(fd)
 
     def close(self) -> None:
-        self.commit()
+        if self.failed is None:  # else its open batch may lack a transaction: dropped
+            self.commit()
         self.db.close()
 
     def _one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
@@ -231,7 +256,16 @@ class Catalog:
         """Apply one committed transaction atomically, with the chunks it stored."""
         if lsn <= self._last_lsn:
             return  # replay of something already applied: idempotent by design
-        chunks = list(chunks)
+        self._check_failed()
+        try:
+            self._apply(lsn, txn, list(chunks))
+        except sqlite3.Error as e:
+            # The journal has this transaction and the catalog does not: applying any
+            # later one would leave a hole that meta.last_lsn papers over (invariant above).
+            self._fail(e)
+            raise
+
+    def _apply(self, lsn: int, txn: Transaction, chunks: list[StoredChunk]) -> None:
         if not self.db.in_transaction:
             self.db.execute("BEGIN IMMEDIATE")
         self.db.execute("SAVEPOINT txn")

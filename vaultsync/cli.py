@@ -8,6 +8,7 @@ else escaping is a bug and keeps its traceback, so it gets reported.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import sys
 from pathlib import Path
@@ -579,11 +580,19 @@ POINT_MOUNT_TIMEOUT = 900.0
 @app.command()
 def umount(
     mountpoint: Annotated[Path, typer.Argument(help="Where the volume is mounted.")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Unmount even when the daemon cannot save the changes it buffers (a full "
+            "disk); changes no fsync saved are then lost.",
+        ),
+    ] = False,
 ) -> None:
     """Flush everything, unmount, and wait for the daemon to exit."""
     from vaultsync.fuse.mount import unmount
 
-    unmount(mountpoint)
+    unmount(mountpoint, force=force)
     out.print(f"unmounted {mountpoint}")
 
 
@@ -619,3 +628,16 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" at {e.filename}" if e.filename else ""
+        err.print(
+            Text.assemble(
+                ("error:", "bold red"),
+                f" no space left on the disk{where} ({e.strerror}). Free some space there "
+                "and try again; what was fsynced before is safe",
+            ),
+            highlight=False,
+        )
+        sys.exit(1)

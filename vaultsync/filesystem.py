@@ -23,16 +23,19 @@ Invariants kept here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import stat
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
+from typing import Any
 
 from vaultsync.catalog import Inode
+from vaultsync.errors import VaultsyncError, VolumeError
 from vaultsync.filedata import PATCH_RANGES, PATCH_SHARE, FileData, Origin
 from vaultsync.patch import PatchPlan, rebase
 from vaultsync.txn import (
@@ -681,9 +684,16 @@ class FileSystem:
             finally:
                 self._prefetching.discard(ino)
 
-        task = asyncio.ensure_future(go())
+        self._in_background(go())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` on its own, held so it is not collected, its failure consumed: all
+        of it is a head start whose errors reach the caller by another road (a failed
+        flush leaves its data dirty, and the next fsync or write reports it)."""
+        task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _stored_block(
         self, ino: int, blockno: int, known: dict[int, tuple[bytes, int]] | None = None
@@ -809,6 +819,10 @@ class FileSystem:
             if offset >= MAX_FILE_SIZE:
                 raise FsError(errno.EFBIG)
             data = data[: MAX_FILE_SIZE - offset]  # a short write up to the limit, as ext4
+        if self.dirty_bytes > self.dirty_limit:
+            # Earlier flushes failed (a full disk): refuse rather than buffer without
+            # bound. Raised here, nothing of this write is taken.
+            await self.flush_some()
         fd = self._data(ino)
         bs = self.block_size
         pos, view = offset, memoryview(data)
@@ -847,12 +861,13 @@ class FileSystem:
         fd.extend_to(offset + len(data), None if self.kernel_cmtime else time.time_ns())
         self._maybe_kick(ino, fd, len(data))
         if self.dirty_bytes > self.dirty_limit:
-            await self.flush_some()
+            # This write is taken (buffered): a failure here is reported by the next
+            # write, which refuses above, or by the fsync.
+            with contextlib.suppress(OSError):
+                await self.flush_some()
         elif len(fd.blocks) * bs >= self.flush_bytes:
             if not fd.inflight:
-                task = asyncio.ensure_future(self.flush(ino))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(self.flush(ino))
             elif len(fd.blocks) * bs >= 2 * self.flush_bytes:
                 await self.flush(ino)  # the writer outruns the encoder: make it wait
         return len(data)
@@ -1021,9 +1036,7 @@ class FileSystem:
                 return  # only a head start: the fsync flushes and reports for itself
             self.vol.ship_now()
 
-        task = asyncio.ensure_future(go())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(go())
 
     async def flush_some(self) -> None:
         """Under memory pressure: flush the files holding the most dirty bytes first."""
@@ -1039,9 +1052,23 @@ class FileSystem:
             await self.flush(ino)
 
     async def flush_all(self) -> None:
+        """Commit every buffer and sync; one file that cannot be saved does not stop the
+        others from trying (each may fit where the first did not)."""
+        failed: list[tuple[int, Exception]] = []
         for ino in list(self.files):
-            await self.flush(ino)
+            try:
+                await self.flush(ino)
+            except (OSError, VaultsyncError) as e:
+                failed.append((ino, e))
         await self.vol.sync()
+        if failed:
+            inos = ", ".join(str(ino) for ino, _ in failed[:10])
+            more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
+            raise VolumeError(
+                f"the unsynced changes of {len(failed)} file(s) (inodes {inos}{more}) could "
+                f"not be written to the journal: {failed[0][1]}. They were never fsynced; "
+                "what was fsynced before is safe"
+            )
 
     def touch_atime(self, ino: int) -> None:
         """relatime: update atime on read only when it is older than mtime/ctime or a day."""

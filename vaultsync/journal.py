@@ -23,6 +23,7 @@ Synchronous file I/O on purpose: callers decide which thread runs it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import time
@@ -231,11 +232,16 @@ class Journal:
         header = seg.SegmentHeader(self.volume_id, segno, self.epoch, time.time_ns()).pack()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, header)
+            if os.write(fd, header) != len(header):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             if durable:
                 os.fsync(fd)
         except BaseException:
+            # Nothing was appended to it: gone again, the journal is as it was and a
+            # later attempt (after a full disk, say) can create it afresh.
             os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
             raise
         if durable:
             _fsync_dir(self.dir)
@@ -271,7 +277,13 @@ class Journal:
             parts.extend(seg.record_parts(r))
             locs.append(Location(self.segno, off, r.size))
             off += r.size
-        _pwrite_all(self._fd, parts, self.size)
+        try:
+            _pwrite_all(self._fd, parts, self.size)
+        except OSError:
+            # Part of the records may be on disk past `size` (a full disk): not
+            # committed, overwritten by the next append or cut on open. No longer zeros.
+            self._runway_end = min(self._runway_end, self.size)
+            raise
         self.size = off
         self.records += len(records)
         for r in records:
@@ -392,14 +404,23 @@ class Journal:
         owed to the next sync(); only after that may it count as sealed for
         upload (volume.py notes it in the catalog then).
         """
-        sealed, first = self.segno, self.first_lsn
+        sealed, first, old_fd, before = self.segno, self.first_lsn, self._fd, self.size
         payload = seg.seal_payload(self.records, self.last_lsn)
         self.append([seg.Record(seg.RecordType.SEAL, self.last_lsn, time.time_ns(), payload)])
         self._cut_runway()
-        self._owed.append(self._fd)
-        self._fd = -1
         size = self.size
-        self._create(sealed + 1, durable=False)
+        try:
+            self._create(sealed + 1, durable=False)
+        except OSError:
+            # No room for the next file (a full disk): take the seal back, so that the
+            # segment stays open for appends and a later seal tries again. Cutting a
+            # file needs no space. Should we die before, open() finds a sealed newest
+            # segment and starts the next one itself: both states are whole.
+            os.ftruncate(old_fd, before)
+            self.size = self._runway_end = before
+            self.records -= 1
+            raise
+        self._owed.append(old_fd)
         return sealed, first, size
 
     def close(self) -> None:

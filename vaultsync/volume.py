@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import sqlite3
 import stat
 import time
 from collections import deque
@@ -103,6 +105,27 @@ def read_local_header(state_dir: Path) -> VolumeHeader:
     return VolumeHeader.from_bytes(raw, str(path))
 
 
+# Below this many free bytes a write error at the state directory is a full disk
+# (SQLite reports one as a "disk I/O error" on some filesystems, not as ENOSPC).
+DISK_FULL_BELOW = 1 << 20
+
+
+def free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def disk_is_full(state_dir: Path, e: BaseException) -> bool:
+    """Whether `e` is the state directory's disk running out of space (or quota)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    free = free_bytes(state_dir)
+    return free is not None and free < DISK_FULL_BELOW
+
+
 class Volume:
     def __init__(
         self,
@@ -130,6 +153,7 @@ class Volume:
         self._background: set[asyncio.Future[None]] = set()
         self._failed: VolumeError | None = None
         self._failed_fenced = False
+        self._room, self._reserve, self._room_at = 0, 0, 0.0  # see _check_room
         # When each recent transaction was committed (LSNs are consecutive, so the
         # LSN indexes it): replication lag in seconds is measured from these.
         self.commit_times: deque[int] = deque(maxlen=1 << 16)
@@ -206,8 +230,17 @@ class Volume:
         """Open and, after a crash, repair: cut the torn tail, replay what the catalog missed."""
         header = read_local_header(state_dir)
         keys = header.unlock(passphrase)
-        vol = await cls._assemble(state_dir, header, keys, segment_size, segment_max_age)
-        await vol._replay()
+        try:
+            vol = await cls._assemble(state_dir, header, keys, segment_size, segment_max_age)
+            await vol._replay()
+        except (OSError, sqlite3.Error) as e:
+            if not disk_is_full(state_dir, e):
+                raise
+            raise VolumeError(
+                f"cannot open the volume in {state_dir}: its disk is full "
+                f"({free_bytes(state_dir)} bytes free). Free some space there, then try "
+                "again"
+            ) from e
         return vol
 
     @classmethod
@@ -267,7 +300,11 @@ class Volume:
                 self.catalog.note_segment(segno, size, first, last, time.time_ns())
 
     async def close(self) -> None:
-        await self.sync(replicate=False)
+        try:
+            await self.sync(replicate=False)
+        except VolumeError:
+            if self._failed is None:
+                raise  # a failed volume closes as far as it can: its journal still syncs
         for t in list(self._background):
             t.cancel()
         await asyncio.to_thread(self.journal.close)
@@ -358,6 +395,7 @@ class Volume:
         body = txn.encode()
         lsn = self._next_lsn
         now = time.time_ns()
+        self._check_room(len(body) + sum(len(c.record.payload) for c in chunks), bool(chunks))
         if self.gc_watch is not None:
             self.gc_watch.update(c.id for c in chunks)
             self.gc_watch.update(c.base for c in chunks if c.base is not None)
@@ -384,14 +422,24 @@ class Volume:
         records = [replace(c.record, lsn=lsn, time_ns=now) for c in fresh.values()]
         records.append(self.codec.txn_record(body, lsn, now))
         locs = self.journal.append(records)
+        self._room -= sum(loc.length for loc in locs)
         self._next_lsn = lsn + 1
         stored = [StoredChunk.of(r, loc) for r, loc in zip(records[:-1], locs[:-1], strict=True)]
-        self.catalog.apply(lsn, txn, stored)
+        try:
+            self.catalog.apply(lsn, txn, stored)
+        except sqlite3.Error as e:
+            raise self._catalog_failed(e) from e
         if len(self.commit_times) == self.commit_times.maxlen:
             self.commit_times_first += 1
         self.commit_times.append(now)
         if self.journal.size >= self.segment_size:
-            self._seal_nowait()
+            try:
+                self._seal_nowait()
+            except OSError as e:
+                # The transaction stands; only the next segment could not be started (a
+                # full disk). The open one grows past its size until a seal succeeds.
+                if not disk_is_full(self.state_dir, e):
+                    raise
         return lsn
 
     async def commit(
@@ -495,7 +543,10 @@ class Volume:
         Called by a timer, which also commits the catalog's batch of applied
         transactions so that other processes (status, verify) see them soon.
         """
-        self.catalog.commit()
+        try:
+            self.catalog.commit()
+        except sqlite3.Error as e:
+            raise self._catalog_failed(e) from e
         age = time.monotonic() - self.journal.opened_at
         if self.journal.records and (force or age >= self.segment_max_age):
             segno = self._seal_nowait()
@@ -566,6 +617,38 @@ class Volume:
     def epoch(self) -> int:
         """This writer's epoch (docs/format.md §2.4); new segments carry it."""
         return self.journal.epoch
+
+    def _catalog_failed(self, e: sqlite3.Error) -> VolumeError:
+        """SQLite refused a write (a full disk): stop taking writes. Nothing is lost: the
+        journal holds every transaction, and the next open replays what the catalog lacks."""
+        if self._failed is None:
+            self._failed = VolumeError(
+                f"the catalog in {self.state_dir} could not be written ({e}); the volume "
+                f"takes no more writes{' or reads' if self.catalog.stale else ''}. Nothing "
+                "fsynced is lost: the journal holds it. Free space on that disk and remount"
+            )
+        return self._failed
+
+    # Space kept free under the state directory for the catalog: SQLite needs room to
+    # commit what the journal took, and a catalog that cannot commit stops the volume.
+    # Journal appends carrying data stop short of it (ENOSPC, as ext4 would say); the
+    # small metadata-only ones (an unlink, a rename) may use part of it.
+    RESERVE_MAX = 64 << 20
+    ROOM_RECHECK = 1.0  # seconds between free-space looks while there is plenty
+
+    def _check_room(self, nbytes: int, data: bool) -> None:
+        now = time.monotonic()
+        if nbytes > self._room or now - self._room_at > self.ROOM_RECHECK:
+            try:
+                st = os.statvfs(self.state_dir)
+            except OSError:
+                return
+            reserve = min(self.RESERVE_MAX, st.f_blocks * st.f_frsize // 16)
+            self._room = st.f_bavail * st.f_frsize - reserve
+            self._room_at = now
+            self._reserve = reserve
+        if nbytes > self._room + (0 if data else self._reserve * 3 // 4):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.state_dir))
 
     @property
     def read_only(self) -> bool:
