@@ -338,9 +338,15 @@ class Journal:
         start = max(self._runway_end, self.size)
         end = self.size + self.RUNWAY
         view, at = memoryview(self._ZEROS)[: end - start], start
-        while view:
-            n = os.pwrite(self._fd, view, at)
-            view, at = view[n:], at + n
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, at)
+                view, at = view[n:], at + n
+        except OSError:
+            # A full disk: the runway only speeds syncs up, and the sync that asked
+            # for it must not fail for it. Whatever zeros did land stay usable.
+            self._runway_end = max(self._runway_end, at)
+            return
         self._runway_end = end
         # Allocating and writing the zeros is the slow part: have it done now, off to
         # the side, rather than by the next caller's fdatasync. Durability claims never

@@ -395,7 +395,9 @@ class Volume:
         body = txn.encode()
         lsn = self._next_lsn
         now = time.time_ns()
-        self._check_room(len(body) + sum(len(c.record.payload) for c in chunks), bool(chunks))
+        # GC's relocations may dip into the reserve: compaction is what gives space back.
+        need = len(body) + sum(len(c.record.payload) for c in chunks)
+        self._check_room(need, data=bool(chunks) and not relocate)
         if self.gc_watch is not None:
             self.gc_watch.update(c.id for c in chunks)
             self.gc_watch.update(c.base for c in chunks if c.base is not None)
