@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS dirents(
     id INTEGER PRIMARY KEY AUTOINCREMENT, parent INTEGER NOT NULL, name BLOB NOT NULL,
     ino INTEGER NOT NULL, UNIQUE(parent, name));
 CREATE INDEX IF NOT EXISTS dirents_by_ino ON dirents(ino);
+-- A listing pages by id within one directory: without it each page sorts them all.
+CREATE INDEX IF NOT EXISTS dirents_by_parent ON dirents(parent, id);
 CREATE TABLE IF NOT EXISTS blocks(
     ino INTEGER NOT NULL, blockno INTEGER NOT NULL, chunk BLOB NOT NULL, length INTEGER NOT NULL,
     PRIMARY KEY(ino, blockno)) WITHOUT ROWID;
@@ -542,12 +544,19 @@ class Catalog:
         row = self._one("SELECT parent FROM dirents WHERE ino=? LIMIT 1", (ino,))
         return None if row is None else int(row[0])
 
-    def listdir(self, parent: int, after_id: int = 0, limit: int = 1000) -> list[Dirent]:
+    def listdir(
+        self, parent: int, after_id: int = 0, limit: int = 1000
+    ) -> list[tuple[Dirent, Inode]]:
+        """Entries after `after_id`, each with its inode: one query for a page of a
+        listing (readdirplus answers with every entry's attributes), not one per entry."""
         rows = self.db.execute(
-            "SELECT id, name, ino FROM dirents WHERE parent=? AND id>? ORDER BY id LIMIT ?",
+            "SELECT d.id, d.name, i.ino, i.mode, i.uid, i.gid, i.size, i.nlink, i.rdev, "
+            "i.atime_ns, i.mtime_ns, i.ctime_ns, i.target "
+            "FROM dirents d JOIN inodes i ON i.ino = d.ino "
+            "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (parent, after_id, limit),
         )
-        return [Dirent(*r) for r in rows]
+        return [(Dirent(r[0], r[1], r[2]), Inode(*r[2:])) for r in rows]
 
     def blocks(self, ino: int) -> dict[int, tuple[bytes, int]]:
         rows = self.db.execute(

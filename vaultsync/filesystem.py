@@ -450,11 +450,10 @@ class FileSystem:
         if offset < 2:
             parent = self.cat.parent_of(ino) if ino != ROOT_INO else ROOT_INO
             out.append((b"..", self.getattr(parent or ROOT_INO), 2))
-        for e in self.cat.listdir(ino, max(0, offset - DOT_OFFSETS), limit):
-            try:
-                out.append((e.name, self.getattr(e.ino), e.id + DOT_OFFSETS))
-            except FsError:
-                continue
+        for e, i in self.cat.listdir(ino, max(0, offset - DOT_OFFSETS), limit):
+            # An open file's size and times may be ahead of the catalog's: its overlay.
+            attrs = self.getattr(e.ino) if e.ino in self.files else i
+            out.append((e.name, attrs, e.id + DOT_OFFSETS))
         return out
 
     # -- attributes changes ------------------------------------------------------------
