@@ -20,7 +20,7 @@ must be what Linux documents.
 
 A failure prints the seed, the block size, the last HISTORY_SHOWN operations and
 the first differing offset. Rerun it with VAULTSYNC_FSX_SEED=<seed> (and the same
-VAULTSYNC_FSX_STEPS) on the same block size (`-k 4KiB`) to replay it.
+VAULTSYNC_FSX_STEPS) on the same block size (`-k bs4096`) to replay it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from tests.test_fs_model import CHUNK_SIZES, KIB, MIB, first_difference
 
 DEFAULT_STEPS = 800  # per block size: the three runs add about a minute to CI
 COMPARE_EVERY = 50
+REMOUNT_EVERY = 5000  # besides the one in the middle: long runs remount now and then
 HISTORY_SHOWN = 40
 NFILES = 2
 PAGE = mmap.PAGESIZE
@@ -123,7 +124,9 @@ class FsxFailure(AssertionError):
 
 
 class Fsx:
-    def __init__(self, mount: Mount, seed: int, steps: int, block: int, writeback: bool) -> None:
+    def __init__(
+        self, mount: Mount, seed: int, steps: int, block: int, writeback: bool, maxlen: int = 0
+    ) -> None:
         self.mount = mount
         self.seed = seed
         self.steps = steps
@@ -131,12 +134,14 @@ class Fsx:
         self.writeback = writeback
         self.rng = random.Random(seed)
         # Files big enough to span several blocks of any size, small enough to compare often.
-        self.maxlen = max(256 * KIB, 3 * block + block // 2)
+        self.maxlen = maxlen or max(256 * KIB, 3 * block + block // 2)
         self.maxop = 64 * KIB
         self.model = [bytearray() for _ in range(NFILES)]
         self.paths = [mount.mountpoint / f"f{i}" for i in range(NFILES)]
         self.fds: list[int] = [-1] * NFILES
         self.reader: tuple[int, int] | None = None  # (file index, a second O_RDONLY fd)
+        # O_DIRECT descriptors, opened on first use: their reads go to the daemon.
+        self.direct: list[int] = [-1] * NFILES
         self.history: deque[str] = deque(maxlen=HISTORY_SHOWN)
         self.step = 0
         # First answer of each fallocate mode / copy_file_range kind: must never change.
@@ -172,6 +177,10 @@ class Fsx:
         if self.reader is not None:
             os.close(self.reader[1])
             self.reader = None
+        for i, fd in enumerate(self.direct):
+            if fd >= 0:
+                os.close(fd)
+                self.direct[i] = -1
         for i, fd in enumerate(self.fds):
             if fd >= 0:
                 os.close(fd)
@@ -242,7 +251,7 @@ class Fsx:
         elif r < 0.9:
             n = self.rng.randint(1, self.maxop)
         else:  # whole blocks and more
-            n = self.rng.randint(self.block // 2, 2 * self.block + 100)
+            n = self.rng.randint(self.block // 2, max(2 * self.block + 100, self.maxlen // 4))
         return max(1, min(n, self.maxlen - off))
 
     def data(self, n: int) -> bytes:
@@ -310,6 +319,34 @@ class Fsx:
         if os.fstat(fd).st_size != len(self.model[i]):
             self.fail(f"f{i}: second descriptor's size {os.fstat(fd).st_size}")
 
+    def direct_fd(self, i: int) -> int:
+        if self.direct[i] < 0:
+            self.direct[i] = os.open(self.paths[i], os.O_RDWR | os.O_DIRECT)
+        return self.direct[i]
+
+    def op_dread(self) -> None:
+        """O_DIRECT: past the page cache, from the daemon's buffers or its store."""
+        i = self.pick()
+        if not self.model[i]:
+            return
+        off = self.offset(i, past_eof=False)
+        n = self.length(off)
+        self.log(f"O_DIRECT read f{i} {off:#x} +{n:#x}")
+        got = os.pread(self.direct_fd(i), n, off)
+        if len(got) != min(n, len(self.model[i]) - off):
+            self.fail(f"f{i}: O_DIRECT read {off}+{n} returned {len(got)} bytes")
+        self.check_data(i, off, got, "O_DIRECT read")
+
+    def op_dwrite(self) -> None:
+        i = self.pick()
+        off = self.offset(i)
+        data = self.data(self.length(off))
+        self.log(f"O_DIRECT write f{i} {off:#x} +{len(data):#x} (size {len(self.model[i]):#x})")
+        n = os.pwrite(self.direct_fd(i), data, off)
+        if n != len(data):
+            self.fail(f"short O_DIRECT write {n} of {len(data)}")
+        self.m_write(i, off, data)
+
     def op_mapread(self) -> None:
         i = self.pick()
         size = len(self.model[i])
@@ -375,7 +412,7 @@ class Fsx:
         if size < 2:
             return
         low = self.rng.randrange(size)
-        high = min(self.maxlen, size + self.rng.randint(0, self.block))
+        high = max(low + 1, min(self.maxlen, size + self.rng.randint(0, self.block)))
         self.log(f"truncate down/up f{i} {size:#x} -> {low:#x} -> {high:#x}")
         os.ftruncate(self.fds[i], low)
         self.m_truncate(i, low)
@@ -445,6 +482,7 @@ class Fsx:
         soff = self.offset(src, past_eof=False)
         n = self.length(soff)
         doff = self.offset(dst)
+        n = max(1, min(n, self.maxlen - doff))
         if src == dst and soff < doff + n and doff < soff + n:
             return  # overlapping ranges of one file are EINVAL by definition
         kind = "within a file" if src == dst else "between files"
@@ -462,7 +500,8 @@ class Fsx:
         self.m_write(dst, doff, bytes(self.model[src][soff : soff + got]))
 
     def op_drop_cache(self) -> None:
-        """Write back and drop one file's cached pages, or (rarely) the whole machine's."""
+        """Drop one file's cached pages, or (rarely) the whole machine's: the next reads
+        come from the daemon. Dirty pages stay unless written back first (sometimes)."""
         if self.rng.random() < 0.1:
             self.log("drop_caches")
             try:
@@ -473,8 +512,10 @@ class Fsx:
             except OSError:
                 pass  # not root: one file's pages instead
         i = self.pick()
-        self.log(f"fadvise DONTNEED f{i}")
-        os.fdatasync(self.fds[i])
+        sync = self.rng.random() < 0.3
+        self.log(f"{'fdatasync, ' if sync else ''}fadvise DONTNEED f{i}")
+        if sync:
+            os.fdatasync(self.fds[i])
         os.posix_fadvise(self.fds[i], 0, 0, os.POSIX_FADV_DONTNEED)
 
     def remount(self) -> None:
@@ -491,6 +532,8 @@ class Fsx:
             (self.op_write, 20),
             (self.op_read, 12),
             (self.op_read2, 6),
+            (self.op_dread, 4),
+            (self.op_dwrite, 3),
             (self.op_mapread, 7),
             (self.op_mapwrite, 7),
             (self.op_truncate, 6),
@@ -515,17 +558,21 @@ class Fsx:
             self.counts[fn.__name__.removeprefix("op_")] += 1
             for i in range(NFILES):
                 self.check_size(i)
-            if self.step == self.remount_at:
+            if self.step == self.remount_at or step % REMOUNT_EVERY == REMOUNT_EVERY - 1:
                 self.remount()
-            elif self.step % COMPARE_EVERY == COMPARE_EVERY - 1:
-                self.compare_all(f"after step {self.step}")
+            elif step % COMPARE_EVERY == COMPARE_EVERY - 1:
+                cold = self.rng.random() < 0.5
+                if cold:  # from the daemon (its buffers and its store), not the page cache
+                    for fd in self.fds:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                self.compare_all(f"after step {step}{' (cold)' if cold else ''}")
         self.step = self.steps
         self.compare_all("at the end")
         self.close_all()
         self.compare_cold("at the end, read cold through fresh descriptors")
 
 
-@pytest.mark.parametrize("block", CHUNK_SIZES, ids=lambda b: f"{b // KIB}KiB")
+@pytest.mark.parametrize("block", CHUNK_SIZES, ids=lambda b: f"bs{b}")
 def test_fsx(tmp_path: Path, block: int) -> None:
     seed_env = os.environ.get("VAULTSYNC_FSX_SEED")
     seed = int(seed_env) if seed_env else random.SystemRandom().randrange(1 << 32)
@@ -540,7 +587,8 @@ def test_fsx(tmp_path: Path, block: int) -> None:
         tmp_path / "vol",
         f"chunk_size = {block}\n[mount]\nwriteback_cache = {str(writeback).lower()}\n",
     )
-    fsx = Fsx(mount, seed, steps, block, writeback)
+    maxlen = int(os.environ.get("VAULTSYNC_FSX_MAXLEN") or 0)  # 0: a few blocks
+    fsx = Fsx(mount, seed, steps, block, writeback, maxlen)
     t0 = time.monotonic()
     try:
         mount.start()
