@@ -430,6 +430,37 @@ class Fsx:
         got = os.pread(self.fds[i], b - a, a)
         self.check_data(i, a, got, "read after truncate down and up")
 
+    def op_map_truncate(self) -> None:
+        """A mapping kept across a truncate down and up (xfstests generic/029 and 030):
+        the pages cut must come back as zeros, in the mapping and in the file."""
+        i = self.pick()
+        off = self.offset(i)
+        n = self.length(off)
+        end = off + n
+        start = off - off % PAGE
+        low = self.rng.randint(start, end - 1)
+        high = max(end, len(self.model[i]))
+        self.log(f"map, truncate f{i} to {low:#x} then {high:#x} under it, {off:#x} +{n:#x}")
+        if end > len(self.model[i]):
+            os.ftruncate(self.fds[i], end)
+            self.m_truncate(i, end)
+        first, second = self.data(n), self.data(n)
+        with mmap.mmap(self.fds[i], end - start, mmap.MAP_SHARED, offset=start) as m:
+            m[off - start :] = first
+            self.m_write(i, off, first)
+            os.ftruncate(self.fds[i], low)  # the mapping is not touched while it is shorter
+            self.m_truncate(i, low)
+            os.ftruncate(self.fds[i], high)
+            self.m_truncate(i, high)
+            got = m[:]
+            self.check_data(i, start, got, "mapping after truncate down and up")
+            a = self.rng.randint(off, end - 1)
+            b = self.rng.randint(a + 1, end)
+            m[a - start : b - start] = second[: b - a]
+            self.m_write(i, a, second[: b - a])
+            if self.rng.random() < 0.5:
+                m.flush()
+
     def op_fsync(self) -> None:
         i = self.pick()
         how = self.rng.choice(("fsync", "fdatasync"))
@@ -545,6 +576,7 @@ class Fsx:
             (self.op_mapwrite, 7),
             (self.op_truncate, 6),
             (self.op_truncate_down_up, 3),
+            (self.op_map_truncate, 2),
             (self.op_fsync, 3),
             (self.op_reopen, 3),
             (self.op_fallocate, 4),
