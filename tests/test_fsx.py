@@ -2,25 +2,31 @@
 
 Two files on a fresh volume, driven by a seeded generator and compared with an
 in-memory model (one bytearray each) after every operation: pwrite at random
-offsets and lengths (past EOF, making holes, straddling block boundaries), pread
-through the writing descriptor and through a second one, mmap reads and
-MAP_SHARED mmap writes (with msync MS_SYNC, MS_ASYNC or none), truncate and
-ftruncate up and down (a cut then a regrow must read zeros in between: the
-classic stale page-cache tail), fsync and fdatasync, close and reopen,
-fallocate in its modes and posix_fallocate, copy_file_range within a file and
-between the two, dropping cached pages (posix_fadvise, now and then the whole
-machine's page cache) so that reads come from the daemon, and one unmount +
-remount in the middle of the run.
+offsets and lengths (past EOF, making holes, straddling block and page
+boundaries), pread through the writing descriptor, through a second one and
+through an O_DIRECT one (which reaches the daemon past the page cache), O_DIRECT
+writes, mmap reads (and the zeros past EOF in EOF's page) and MAP_SHARED mmap
+writes (msync MS_SYNC, MS_ASYNC or none), truncate and ftruncate up and down (a
+cut then a regrow must read zeros in between: the classic stale page-cache
+tail), also under a live mapping (xfstests generic/029, 030), fsync and
+fdatasync, close and reopen, fallocate in five modes, posix_fallocate,
+copy_file_range within a file and between the two, FICLONERANGE, dropping
+cached pages (posix_fadvise, now and then the whole machine's page cache) so
+that reads come from the daemon, and unmount + remount in the middle of the run
+(and every REMOUNT_EVERY steps of a long one).
 
-After every operation each file's size (fstat) must be the model's; its whole
-content is compared every COMPARE_EVERY operations, after the remount and at the
-end. fallocate and copy_file_range may be refused, but the first answer for each
-kind (mode) is the only one allowed afterwards, and what they do when they work
-must be what Linux documents.
+After every operation each file's size (fstat, lseek SEEK_END) must be the
+model's; the whole content is compared every COMPARE_EVERY operations (half the
+time with the cached pages dropped), after each remount and at the end, through
+fresh descriptors. fallocate, copy_file_range and FICLONERANGE may be refused,
+but the first answer for each kind (mode) is the only one allowed afterwards, and
+what they do when they work must be what Linux documents. The writeback cache is
+on or off by the seed (VAULTSYNC_FSX_WRITEBACK=0/1 forces it).
 
 A failure prints the seed, the block size, the last HISTORY_SHOWN operations and
 the first differing offset. Rerun it with VAULTSYNC_FSX_SEED=<seed> (and the same
-VAULTSYNC_FSX_STEPS) on the same block size (`-k bs4096`) to replay it.
+VAULTSYNC_FSX_STEPS) on the same block size (`-k bs4096`) to replay it;
+VAULTSYNC_FSX_MAXLEN makes the files larger (several flush batches).
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import random
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -58,6 +66,7 @@ FALLOC_MODES = {
     "zero_range": FALLOC_FL_ZERO_RANGE,
     "zero_range_keep": FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
 }
+FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
 MS_ASYNC = 1
 MS_SYNC = 4
 
@@ -537,6 +546,28 @@ class Fsx:
             self.fail(f"copy_file_range copied {got} bytes, expected {want}")
         self.m_write(dst, doff, bytes(self.model[src][soff : soff + got]))
 
+    def op_clone_range(self) -> None:
+        """FICLONERANGE (reflink) of page-aligned ranges: refused or done, consistently."""
+        src, dst = self.pick(), self.pick()
+        ssize = len(self.model[src])
+        if ssize < PAGE:
+            return
+        soff = self.rng.randrange(ssize // PAGE) * PAGE
+        n = self.rng.randint(1, max(1, (ssize - soff) // PAGE)) * PAGE
+        doff = self.rng.randrange(self.maxlen // PAGE) * PAGE
+        if src == dst and soff < doff + n and doff < soff + n:
+            return
+        self.log(f"FICLONERANGE f{src} {soff:#x} +{n:#x} -> f{dst} {doff:#x}")
+        arg = struct.pack("qQQQ", self.fds[src], soff, n, doff)
+        try:
+            fcntl.ioctl(self.fds[dst], FICLONERANGE, arg)
+        except OSError as e:
+            self.log(f"  -> {errname(e)}")
+            self.answer("FICLONERANGE", errname(e))
+            return
+        self.answer("FICLONERANGE", "ok")
+        self.m_write(dst, doff, bytes(self.model[src][soff : soff + n]))
+
     def op_drop_cache(self) -> None:
         """Drop one file's cached pages, or (rarely) the whole machine's: the next reads
         come from the daemon. Dirty pages stay unless written back first (sometimes)."""
@@ -582,6 +613,7 @@ class Fsx:
             (self.op_fallocate, 4),
             (self.op_posix_fallocate, 3),
             (self.op_copy_range, 5),
+            (self.op_clone_range, 1),
             (self.op_drop_cache, 3),
         ]
         funcs = [f for f, _ in ops]
