@@ -49,7 +49,7 @@ import pytest
 from tests.mounting import Mount
 from tests.test_fs_model import CHUNK_SIZES, KIB, MIB, first_difference
 
-DEFAULT_STEPS = 6000  # per block size: the three runs add 40-60 s to CI
+DEFAULT_STEPS = 5000  # per block size: the three runs add 35-60 s to CI
 COMPARE_EVERY = 50
 REMOUNT_EVERY = 5000  # besides the one in the middle: long runs remount now and then
 HISTORY_SHOWN = 40
