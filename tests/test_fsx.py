@@ -47,7 +47,7 @@ from pathlib import Path
 import pytest
 
 from tests.mounting import Mount
-from tests.test_fs_model import CHUNK_SIZES, KIB, MIB, first_difference
+from tests.test_fs_model import CHUNK_SIZES, KIB, MIB
 
 DEFAULT_STEPS = 5000  # per block size: the three runs add 35-60 s to CI
 COMPARE_EVERY = 50
@@ -218,10 +218,17 @@ class Fsx:
             self.fail(f"f{i}: {what} at {off}+{len(got)}: {self.diff(want, got, off)}")
 
     def diff(self, want: bytes, got: bytes, base: int = 0) -> str:
-        text = first_difference(want, got, self.block)
-        if base:
-            text += f" (offsets relative to {base})"
-        return text
+        """The first differing byte, as a file offset (`base`: where `want` starts)."""
+        n = min(len(want), len(got))
+        i = next((k for k in range(0, n, 4096) if want[k : k + 4096] != got[k : k + 4096]), n)
+        while i < n and want[i] == got[i]:
+            i += 1
+        at = base + i
+        return (
+            f"lengths {len(want)} vs {len(got)}, first difference at offset {at} ({at:#x}, "
+            f"block {at // self.block} +{at % self.block}): expected {want[i : i + 8].hex()} "
+            f"got {got[i : i + 8].hex()}"
+        )
 
     def compare_all(self, why: str, fds: list[int] | None = None) -> None:
         for i in range(NFILES):
@@ -381,7 +388,7 @@ class Fsx:
             tail = eof_page_tail(self.fds[i], size)
             if tail.count(0) != len(tail):
                 want = bytes(len(tail))
-                self.fail(f"f{i}: mmap past EOF ({size}) not zero: {self.diff(want, tail)}")
+                self.fail(f"f{i}: mmap past EOF ({size}) not zero: {self.diff(want, tail, size)}")
 
     def op_mapwrite(self) -> None:
         i = self.pick()
