@@ -1464,6 +1464,62 @@ async def test_write_into_a_new_block_being_flushed_keeps_its_start(fs: FileSyst
     assert await fs.read(ino, bs, bs) == first + rest
 
 
+async def test_read_racing_a_flush_in_batches_sees_the_flushed_blocks(fs: FileSystem) -> None:
+    """A read that waits for one block while a flush commits a later one must read that
+    later block as flushed, not from the block map it took before the commit."""
+    bs = fs.block_size
+    fs.FLUSH_BATCH = 2 * bs  # type: ignore[misc]  # two batches: blocks 0-1, then 2-3
+    fs.WARM_AFTER_FLUSH = 0  # type: ignore[misc]  # flushed blocks not in the chunk cache
+    ino = await _new_file(fs)
+    old = os.urandom(6 * bs)
+    await fs.write(ino, 0, old)
+    await fs.flush(ino)
+    fs.cache = ChunkCache(fs.cache.limit)
+    new = os.urandom(4 * bs)
+    await fs.write(ino, 0, new)  # blocks 0-3 dirty, 4-5 only stored
+    gates = {name: asyncio.Event() for name in ("prepare1", "prepare2", "warm", "read")}
+    real_prepare, real_chunks, real_chunk = (
+        fs.vol.prepare_chunks,
+        fs.vol.read_chunks,
+        fs.vol.read_chunk,
+    )
+    prepared = 0
+
+    async def prepare(blocks: Any, plans: Any = ()) -> Any:
+        nonlocal prepared
+        prepared += 1
+        await gates[f"prepare{prepared}"].wait()
+        return await real_prepare(blocks, plans)
+
+    async def read_chunks(cids: Any) -> Any:
+        await gates["warm"].wait()
+        return await real_chunks(cids)
+
+    async def read_chunk(cid: bytes) -> bytes:
+        await gates["read"].wait()
+        return await real_chunk(cid)
+
+    fs.vol.prepare_chunks = prepare  # type: ignore[method-assign]
+    fs.vol.read_chunks = read_chunks  # type: ignore[method-assign]
+    fs.vol.read_chunk = read_chunk  # type: ignore[method-assign]
+    flushing = asyncio.ensure_future(fs.flush(ino))
+    await asyncio.sleep(0.01)  # batch 1 (blocks 0-1) is being encoded
+    reading = asyncio.ensure_future(fs.read(ino, bs, 5 * bs))
+    await asyncio.sleep(0.01)  # the read fetches blocks 4-5
+    gates["prepare1"].set()
+    await asyncio.sleep(0.01)  # batch 1 committed; batch 2 (blocks 2-3) being encoded
+    gates["warm"].set()
+    await asyncio.sleep(0.01)  # the read waits for block 1's flushed chunk
+    gates["prepare2"].set()
+    await asyncio.sleep(0.01)  # batch 2 committed
+    gates["read"].set()
+    got = await reading
+    await flushing
+    want = new[bs:] + old[4 * bs :]
+    stale = [b + 1 for b in range(5) if got[b * bs : (b + 1) * bs] != want[b * bs : (b + 1) * bs]]
+    assert not stale, f"blocks {stale} read as they were before the flushed write"
+
+
 async def test_sequential_reads_fetch_each_chunk_once(fs: FileSystem) -> None:
     """A read that overtakes its own read-ahead waits for it instead of fetching the same
     chunks again (every duplicate is a second decompress and hash check)."""

@@ -730,8 +730,10 @@ class FileSystem:
         first, last = offset // bs, (end - 1) // bs
         # One map for the whole read; a block whose chunk left the cache since is
         # fetched below by that map's chunk id, which is still the block's content
-        # as of when the read began.
+        # as of when the read began. Unless a flush commits meanwhile: the blocks it
+        # takes out of the buffer are then only in the new map (see the loop).
         stored = await self._warm(ino, first, last)
+        gen = self.cat.blocks_gen
         if self._read_end.get(ino) == offset:  # sequential: fetch ahead, in the background
             self._read_ahead(ino, last + 1, last + self.READ_AHEAD_BLOCKS)
         self._read_end[ino] = end
@@ -740,6 +742,9 @@ class FileSystem:
         while pos < end:
             b, inner = divmod(pos, bs)
             take = min(bs - inner, end - pos)
+            if self.cat.blocks_gen != gen:  # a block flushed while we waited for another
+                gen = self.cat.blocks_gen
+                stored = self.cat.block_range(ino, first, last)
             data = await self._block(ino, b, stored)
             # A view, not a slice: the join below is then the only copy of the data.
             piece: bytes | memoryview = memoryview(data)[inner : inner + take]
