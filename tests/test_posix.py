@@ -950,6 +950,22 @@ def test_chmod_chown_and_nanosecond_times(both: list[Path]) -> None:
         assert os.lstat(d / "l").st_uid == USER and p.stat().st_uid == 0
 
 
+def test_times_outside_the_range_are_clamped_not_refused(both: list[Path]) -> None:
+    """utimensat(2) takes any 64-bit second count and ext4 clamps to the range it keeps; so
+    do we (our top is 2**63 - 1 ns, in 2262, short of ext4's 2446), where storing 2**40 s
+    as nanoseconds used to overflow into EIO."""
+    for d in both:
+        (d / "f").touch()
+    assert errs(both, lambda d: os.utime(d / "f", ns=(2**40 * 10**9, 2**33 * 10**9 + 5))) == [0, 0]
+    sts = [os.stat(d / "f") for d in both]
+    assert [s.st_mtime_ns for s in sts] == [2**33 * 10**9 + 5] * 2  # in range: kept exactly
+    assert sts[0].st_atime_ns == 2**63 - 1
+    assert sts[1].st_atime_ns == 0x37FFFFFFF * 10**9  # ext4's last second, in 2446
+    assert errs(both, lambda d: os.utime(d / "f", ns=(-(2**40) * 10**9, -1))) == [0, 0]
+    assert [os.stat(d / "f").st_atime_ns for d in both] == [-(2**31) * 10**9] * 2
+    assert [os.stat(d / "f").st_mtime_ns for d in both] == [-1, -1]
+
+
 def test_utime_after_unflushed_write_sticks(both: list[Path]) -> None:
     for d in both:
         p = d / "f"

@@ -53,6 +53,11 @@ XATTR_SIZE_MAX = 65536
 # The largest file: ext4's with 4 KiB blocks, so that applications (and conformance
 # suites) meet EFBIG where they would on a local disk rather than at 2**63.
 MAX_FILE_SIZE = (1 << 44) - 4096
+# Timestamps are nanoseconds in a signed 64-bit catalog column. ext4 keeps seconds from
+# -2**31 to 2**34 + 2**31 - 1 and clamps what lies outside; we clamp the same way, except
+# that our top is where 64-bit nanoseconds end (year 2262), short of ext4's (year 2446).
+TIME_MIN_NS = -(2**31) * 10**9
+TIME_MAX_NS = 2**63 - 1
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
@@ -84,6 +89,12 @@ def _set_inode(i: Inode) -> SetInode:
         ctime_ns=i.ctime_ns,
         target=i.target,
     )
+
+
+def _clamp_time(ns: int | None) -> int | None:
+    """A time the kernel handed us, cut to what the catalog can hold (utimensat(2) takes
+    any 64-bit second count; storing 2**40 s in nanoseconds overflowed into EIO)."""
+    return None if ns is None else min(max(ns, TIME_MIN_NS), TIME_MAX_NS)
 
 
 def _check_name(name: bytes) -> None:
@@ -473,6 +484,8 @@ class FileSystem:
         only unflushed writes reached must not be made to stick with zeros in it.
         """
         now = time.time_ns()
+        atime_ns, mtime_ns = _clamp_time(atime_ns), _clamp_time(mtime_ns)
+        ctime_ns = _clamp_time(ctime_ns)
         i = self._inode(ino)
         fd = self.files.get(ino)
         if (
