@@ -21,7 +21,7 @@ from vaultsync.fuse.loop import running
 
 from vaultsync.catalog import Inode
 from vaultsync.errors import ReadOnlyVolumeError, VaultsyncError
-from vaultsync.filesystem import FileSystem, FsError
+from vaultsync.filesystem import FileSystem, FsError, without_privs
 
 log = logging.getLogger("vaultsync.fuse")
 
@@ -169,9 +169,12 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     # -- files ----------------------------------------------------------------------------
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        self.fs.open(inode)
+        i = self.fs.open(inode)
         if flags & os.O_TRUNC:  # stamps mtime and ctime even when already empty, as ext4
-            await self.fs.setattr(inode, size=0)
+            # By anyone but root it also drops setuid/setgid, as truncate() does: with
+            # atomic O_TRUNC the kernel sends no SETATTR of its own, so that is ours to do.
+            mode = without_privs(i.mode) if ctx.uid != 0 and stat.S_ISREG(i.mode) else i.mode
+            await self.fs.setattr(inode, size=0, mode=mode if mode != i.mode else None)
         return pyfuse3.FileInfo(fh=inode)
 
     @_errors

@@ -1077,6 +1077,31 @@ def test_permission_checks_as_another_user(both: list[Path]) -> None:
     assert modes == [0o777, 0o777]
 
 
+def test_o_trunc_by_another_user_drops_setuid_as_truncate_does(both: list[Path]) -> None:
+    """With atomic O_TRUNC the kernel leaves the truncation, and so dropping the setuid
+    and setgid bits, to the daemon: open(O_TRUNC) by someone other than root must drop
+    them as truncate() does; by root (CAP_FSETID) it must not."""
+    modes = {"a": 0o6777, "b": 0o2767, "c": 0o4755, "root": 0o6777}
+    for d in both:
+        os.chmod(d, 0o755)
+        for name, mode in modes.items():
+            (d / name).write_bytes(b"data")
+            os.chown(d / name, USER, USER)
+            os.chmod(d / name, mode)
+
+    def otrunc(name: str) -> Callable[[], None]:
+        return lambda: os.close(os.open(name, os.O_WRONLY | os.O_TRUNC))
+
+    for name in "abc":
+        assert [as_user(d, otrunc(name)) for d in both] == [0, 0]
+    for d in both:
+        otrunc(str(d / "root"))()
+    got = [{n: stat.S_IMODE((d / n).stat().st_mode) for n in modes} for d in both]
+    # setgid without group-execute stays for a member of the file's group
+    assert got[0] == got[1] == {"a": 0o777, "b": 0o2767, "c": 0o755, "root": 0o6777}
+    assert [(d / "a").stat().st_size for d in both] == [0, 0]
+
+
 # -- xattrs -----------------------------------------------------------------------------------
 def test_xattrs(both: list[Path]) -> None:
     for d in both:

@@ -97,6 +97,16 @@ def _clamp_time(ns: int | None) -> int | None:
     return None if ns is None else min(max(ns, TIME_MIN_NS), TIME_MAX_NS)
 
 
+def without_privs(mode: int) -> int:
+    """`mode` as a write or truncate by an unprivileged process leaves it: setuid goes, and
+    setgid when group-execute is on (setgid without it marks mandatory locking, and stays).
+    This is the rule the kernel's FUSE client applies on write() and truncate()."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FsError(errno.ENAMETOOLONG)
