@@ -273,7 +273,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return self.fs.listxattr(inode)
+        return self.fs.listxattr(inode, privileged=ctx.uid == 0)
 
     @_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:

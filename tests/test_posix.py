@@ -1150,6 +1150,25 @@ def test_xattrs(both: list[Path]) -> None:
         assert "user.new" not in os.listxattr(d / "f")
 
 
+def test_trusted_xattrs_are_listed_for_root_only(both: list[Path]) -> None:
+    """Only a privileged process sees trusted.* names in listxattr(2), as on ext4; anyone
+    may list the rest. Reading one unprivileged is ENODATA, writing EPERM (the kernel's)."""
+    for d in both:
+        os.chmod(d, 0o755)
+        (d / "f").write_bytes(b"")
+        os.chmod(d / "f", 0o644)
+        os.setxattr(d / "f", "user.u", b"1")
+        os.setxattr(d / "f", "trusted.t", b"2")
+        os.setxattr(d / "f", "security.s", b"3")
+        assert sorted(os.listxattr(d / "f")) == ["security.s", "trusted.t", "user.u"]
+
+    def listed() -> None:
+        assert sorted(os.listxattr("f")) == ["security.s", "user.u"]
+
+    assert [as_user(d, listed) for d in both] == [0, 0]
+    assert [as_user(d, lambda: os.getxattr("f", "trusted.t")) for d in both] == [errno.ENODATA] * 2
+
+
 def test_xattrs_go_with_the_inode(mnt: Path) -> None:
     base = inode_count(mnt)
     p = mnt / "f"

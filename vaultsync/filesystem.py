@@ -563,9 +563,12 @@ class FileSystem:
             raise FsError(errno.ENODATA)
         return v
 
-    def listxattr(self, ino: int) -> list[bytes]:
+    def listxattr(self, ino: int, privileged: bool = True) -> list[bytes]:
+        """All names, but trusted.* only for a privileged caller: the kernel refuses those
+        to anyone else, and ext4 does not even list them (it checks CAP_SYS_ADMIN)."""
         self._inode(ino)
-        return sorted(self.cat.xattrs(ino))
+        names = sorted(self.cat.xattrs(ino))
+        return names if privileged else [n for n in names if not n.startswith(b"trusted.")]
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         _check_xattr_name(name)
