@@ -128,7 +128,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return self.fs.readlink(inode)
+        target = self.fs.readlink(inode)
+        self.fs.touch_atime(inode)  # following a link reads it: relatime, as ext4
+        return target
 
     @_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
@@ -224,6 +226,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        self.fs.touch_atime(fh)  # listing reads the directory: relatime, as ext4
         offset = start_id
         while True:
             entries = self.fs.readdir(fh, offset)

@@ -984,6 +984,25 @@ def _open_trunc(p: Path) -> None:
     os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
 
 
+def test_listing_a_directory_and_following_a_link_update_atime(both: list[Path]) -> None:
+    """Reading a directory or a symlink is an access, and the daemon owns atime (the
+    kernel does not stamp it on FUSE): relatime, as on ext4."""
+    old = 10**18  # 2001: atime and mtime both in the past, atime not after mtime
+    for d in both:
+        (d / "sub").mkdir()
+        os.symlink("sub", d / "link")
+        os.utime(d / "sub", ns=(old, old))
+        os.utime(d / "link", ns=(old, old), follow_symlinks=False)
+        time.sleep(0.02)  # ext4's coarse clock: the new atime must come after that ctime
+        os.listdir(d / "sub")
+        os.listdir(d / "link")  # follows the link
+        sub, link = os.stat(d / "sub").st_atime_ns, os.lstat(d / "link").st_atime_ns
+        assert sub > old and link > old
+        time.sleep(0.02)
+        os.listdir(d / "link")  # atime now after mtime and ctime: relatime leaves it
+        assert (os.stat(d / "sub").st_atime_ns, os.lstat(d / "link").st_atime_ns) == (sub, link)
+
+
 def test_ctime_changes(both: list[Path]) -> None:
     def changes(p: Path, op: Callable[[], object], after: Path | None = None) -> bool:
         before = os.lstat(p).st_ctime_ns
