@@ -162,7 +162,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         flags: int,
         ctx: Any,
     ) -> None:
-        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.fs.rename(
+            parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx.uid, ctx.gid
+        )
 
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:

@@ -149,6 +149,7 @@ _libc.syscall.restype = ctypes.c_long
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 
 
 def renameat2(old: Path, new: Path, flags: int) -> None:
@@ -834,6 +835,27 @@ def test_renameat2_noreplace_and_exchange(both: list[Path]) -> None:
     assert errs(both, lambda d: renameat2(d / "b", d / "c", 3)) == [errno.EINVAL] * 2
     listings = [sorted(str(p.relative_to(d)) for p in d.rglob("*")) for d in both]
     assert listings[0] == listings[1]
+
+
+def test_rename_whiteout_leaves_a_whiteout(both: list[Path]) -> None:
+    """renameat2(RENAME_WHITEOUT), which overlayfs uses on its upper layer: the old name
+    becomes a 0:0 character device with no permission bits, owned by the caller."""
+    for d in both:
+        (d / "a").write_bytes(b"A")
+        (d / "sg").mkdir()
+        os.chown(d / "sg", 0, USER)
+        os.chmod(d / "sg", 0o2755)
+        (d / "sg" / "x").write_bytes(b"X")
+    assert errs(both, lambda d: renameat2(d / "a", d / "b", RENAME_WHITEOUT)) == [0, 0]
+    assert errs(both, lambda d: renameat2(d / "sg" / "x", d / "y", RENAME_WHITEOUT)) == [0, 0]
+    for d in both:
+        assert (d / "b").read_bytes() == b"A" and (d / "y").read_bytes() == b"X"
+        for wh, gid in ((d / "a", 0), (d / "sg" / "x", USER)):  # a setgid parent's group
+            st = os.lstat(wh)
+            assert (st.st_mode, st.st_rdev, st.st_nlink) == (stat.S_IFCHR, 0, 1)
+            assert (st.st_uid, st.st_gid) == (0, gid)
+    flags = RENAME_WHITEOUT | RENAME_EXCHANGE
+    assert errs(both, lambda d: renameat2(d / "b", d / "y", flags)) == [errno.EINVAL] * 2
 
 
 # -- links and special files -------------------------------------------------------------

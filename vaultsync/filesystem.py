@@ -60,6 +60,7 @@ TIME_MIN_NS = -(2**31) * 10**9
 TIME_MAX_NS = 2**63 - 1
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4  # overlayfs's: the old name becomes a whiteout (a 0:0 char device)
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -396,10 +397,12 @@ class FileSystem:
                 return False
             ino, seen = parent, seen + 1
 
-    def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
-            RENAME_NOREPLACE | RENAME_EXCHANGE
-        ):
+    def rename(
+        self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0, uid: int = 0, gid: int = 0
+    ) -> None:
+        """Move an entry; `uid`/`gid` (the caller's) own the whiteout RENAME_WHITEOUT leaves."""
+        known = RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
+        if flags & ~known or (flags & RENAME_EXCHANGE and flags & ~RENAME_EXCHANGE):
             raise FsError(errno.EINVAL)
         _check_name(n2)
         d1, d2 = self._dir(p1), self._live_dir(p2)
@@ -452,6 +455,25 @@ class FileSystem:
                 nlink_delta[p1] -= 1
                 nlink_delta[p2] += 1
             ops.append(_set_inode(replace(src, ctime_ns=now)))
+            if flags & RENAME_WHITEOUT:
+                wino = self._next_ino
+                self._next_ino += 1
+                if d1.mode & stat.S_ISGID:
+                    gid = d1.gid
+                wh = Inode(
+                    ino=wino,
+                    mode=stat.S_IFCHR,
+                    uid=uid,
+                    gid=gid,
+                    size=0,
+                    nlink=1,
+                    rdev=0,
+                    atime_ns=now,
+                    mtime_ns=now,
+                    ctime_ns=now,
+                    target=None,
+                )
+                ops += [_set_inode(wh), SetDirent(p1, n1, wino)]
         del d1, d2
         for pino, delta in nlink_delta.items():
             d = self._inode(pino)
