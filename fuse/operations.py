@@ -21,7 +21,7 @@ from vaultsync.fuse.loop import running
 
 from vaultsync.catalog import Inode
 from vaultsync.errors import ReadOnlyVolumeError, VaultsyncError
-from vaultsync.filesystem import FileSystem, FsError
+from vaultsync.filesystem import FileSystem, FsError, without_privs
 from vaultsync.quietlog import Throttled
 
 log = logging.getLogger("vaultsync.fuse")
@@ -144,7 +144,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return self.fs.readlink(inode)
+        target = self.fs.readlink(inode)
+        self.fs.touch_atime(inode)  # following a link reads it: relatime, as ext4
+        return target
 
     @_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
@@ -176,7 +178,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         flags: int,
         ctx: Any,
     ) -> None:
-        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.fs.rename(
+            parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx.uid, ctx.gid
+        )
 
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
@@ -185,9 +189,12 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     # -- files ----------------------------------------------------------------------------
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        self.fs.open(inode)
+        i = self.fs.open(inode)
         if flags & os.O_TRUNC:  # stamps mtime and ctime even when already empty, as ext4
-            await self.fs.setattr(inode, size=0)
+            # By anyone but root it also drops setuid/setgid, as truncate() does: with
+            # atomic O_TRUNC the kernel sends no SETATTR of its own, so that is ours to do.
+            mode = without_privs(i.mode) if ctx.uid != 0 and stat.S_ISREG(i.mode) else i.mode
+            await self.fs.setattr(inode, size=0, mode=mode if mode != i.mode else None)
         return pyfuse3.FileInfo(fh=inode)
 
     @_errors
@@ -237,6 +244,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        self.fs.touch_atime(fh)  # listing reads the directory: relatime, as ext4
         offset = start_id
         while True:
             entries = self.fs.readdir(fh, offset)
@@ -286,7 +294,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return self.fs.listxattr(inode)
+        return self.fs.listxattr(inode, privileged=ctx.uid == 0)
 
     @_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:

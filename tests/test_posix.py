@@ -149,6 +149,7 @@ _libc.syscall.restype = ctypes.c_long
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 
 
 def renameat2(old: Path, new: Path, flags: int) -> None:
@@ -836,6 +837,27 @@ def test_renameat2_noreplace_and_exchange(both: list[Path]) -> None:
     assert listings[0] == listings[1]
 
 
+def test_rename_whiteout_leaves_a_whiteout(both: list[Path]) -> None:
+    """renameat2(RENAME_WHITEOUT), which overlayfs uses on its upper layer: the old name
+    becomes a 0:0 character device with no permission bits, owned by the caller."""
+    for d in both:
+        (d / "a").write_bytes(b"A")
+        (d / "sg").mkdir()
+        os.chown(d / "sg", 0, USER)
+        os.chmod(d / "sg", 0o2755)
+        (d / "sg" / "x").write_bytes(b"X")
+    assert errs(both, lambda d: renameat2(d / "a", d / "b", RENAME_WHITEOUT)) == [0, 0]
+    assert errs(both, lambda d: renameat2(d / "sg" / "x", d / "y", RENAME_WHITEOUT)) == [0, 0]
+    for d in both:
+        assert (d / "b").read_bytes() == b"A" and (d / "y").read_bytes() == b"X"
+        for wh, gid in ((d / "a", 0), (d / "sg" / "x", USER)):  # a setgid parent's group
+            st = os.lstat(wh)
+            assert (st.st_mode, st.st_rdev, st.st_nlink) == (stat.S_IFCHR, 0, 1)
+            assert (st.st_uid, st.st_gid) == (0, gid)
+    flags = RENAME_WHITEOUT | RENAME_EXCHANGE
+    assert errs(both, lambda d: renameat2(d / "b", d / "y", flags)) == [errno.EINVAL] * 2
+
+
 # -- links and special files -------------------------------------------------------------
 def test_hard_links(both: list[Path]) -> None:
     for d in both:
@@ -950,6 +972,22 @@ def test_chmod_chown_and_nanosecond_times(both: list[Path]) -> None:
         assert os.lstat(d / "l").st_uid == USER and p.stat().st_uid == 0
 
 
+def test_times_outside_the_range_are_clamped_not_refused(both: list[Path]) -> None:
+    """utimensat(2) takes any 64-bit second count and ext4 clamps to the range it keeps; so
+    do we (our top is 2**63 - 1 ns, in 2262, short of ext4's 2446), where storing 2**40 s
+    as nanoseconds used to overflow into EIO."""
+    for d in both:
+        (d / "f").touch()
+    assert errs(both, lambda d: os.utime(d / "f", ns=(2**40 * 10**9, 2**33 * 10**9 + 5))) == [0, 0]
+    sts = [os.stat(d / "f") for d in both]
+    assert [s.st_mtime_ns for s in sts] == [2**33 * 10**9 + 5] * 2  # in range: kept exactly
+    assert sts[0].st_atime_ns == 2**63 - 1
+    assert sts[1].st_atime_ns == 0x37FFFFFFF * 10**9  # ext4's last second, in 2446
+    assert errs(both, lambda d: os.utime(d / "f", ns=(-(2**40) * 10**9, -1))) == [0, 0]
+    assert [os.stat(d / "f").st_atime_ns for d in both] == [-(2**31) * 10**9] * 2
+    assert [os.stat(d / "f").st_mtime_ns for d in both] == [-1, -1]
+
+
 def test_utime_after_unflushed_write_sticks(both: list[Path]) -> None:
     for d in both:
         p = d / "f"
@@ -966,6 +1004,25 @@ def test_utime_after_unflushed_write_sticks(both: list[Path]) -> None:
 
 def _open_trunc(p: Path) -> None:
     os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
+
+
+def test_listing_a_directory_and_following_a_link_update_atime(both: list[Path]) -> None:
+    """Reading a directory or a symlink is an access, and the daemon owns atime (the
+    kernel does not stamp it on FUSE): relatime, as on ext4."""
+    old = 10**18  # 2001: atime and mtime both in the past, atime not after mtime
+    for d in both:
+        (d / "sub").mkdir()
+        os.symlink("sub", d / "link")
+        os.utime(d / "sub", ns=(old, old))
+        os.utime(d / "link", ns=(old, old), follow_symlinks=False)
+        time.sleep(0.02)  # ext4's coarse clock: the new atime must come after that ctime
+        os.listdir(d / "sub")
+        os.listdir(d / "link")  # follows the link
+        sub, link = os.stat(d / "sub").st_atime_ns, os.lstat(d / "link").st_atime_ns
+        assert sub > old and link > old
+        time.sleep(0.02)
+        os.listdir(d / "link")  # atime now after mtime and ctime: relatime leaves it
+        assert (os.stat(d / "sub").st_atime_ns, os.lstat(d / "link").st_atime_ns) == (sub, link)
 
 
 def test_ctime_changes(both: list[Path]) -> None:
@@ -1061,6 +1118,31 @@ def test_permission_checks_as_another_user(both: list[Path]) -> None:
     assert modes == [0o777, 0o777]
 
 
+def test_o_trunc_by_another_user_drops_setuid_as_truncate_does(both: list[Path]) -> None:
+    """With atomic O_TRUNC the kernel leaves the truncation, and so dropping the setuid
+    and setgid bits, to the daemon: open(O_TRUNC) by someone other than root must drop
+    them as truncate() does; by root (CAP_FSETID) it must not."""
+    modes = {"a": 0o6777, "b": 0o2767, "c": 0o4755, "root": 0o6777}
+    for d in both:
+        os.chmod(d, 0o755)
+        for name, mode in modes.items():
+            (d / name).write_bytes(b"data")
+            os.chown(d / name, USER, USER)
+            os.chmod(d / name, mode)
+
+    def otrunc(name: str) -> Callable[[], None]:
+        return lambda: os.close(os.open(name, os.O_WRONLY | os.O_TRUNC))
+
+    for name in "abc":
+        assert [as_user(d, otrunc(name)) for d in both] == [0, 0]
+    for d in both:
+        otrunc(str(d / "root"))()
+    got = [{n: stat.S_IMODE((d / n).stat().st_mode) for n in modes} for d in both]
+    # setgid without group-execute stays for a member of the file's group
+    assert got[0] == got[1] == {"a": 0o777, "b": 0o2767, "c": 0o755, "root": 0o6777}
+    assert [(d / "a").stat().st_size for d in both] == [0, 0]
+
+
 # -- xattrs -----------------------------------------------------------------------------------
 def test_xattrs(both: list[Path]) -> None:
     for d in both:
@@ -1107,6 +1189,25 @@ def test_xattrs(both: list[Path]) -> None:
     for d in both:
         assert os.getxattr(d / "f", "user.one") == b"replaced"  # failed calls changed nothing
         assert "user.new" not in os.listxattr(d / "f")
+
+
+def test_trusted_xattrs_are_listed_for_root_only(both: list[Path]) -> None:
+    """Only a privileged process sees trusted.* names in listxattr(2), as on ext4; anyone
+    may list the rest. Reading one unprivileged is ENODATA, writing EPERM (the kernel's)."""
+    for d in both:
+        os.chmod(d, 0o755)
+        (d / "f").write_bytes(b"")
+        os.chmod(d / "f", 0o644)
+        os.setxattr(d / "f", "user.u", b"1")
+        os.setxattr(d / "f", "trusted.t", b"2")
+        os.setxattr(d / "f", "security.s", b"3")
+        assert sorted(os.listxattr(d / "f")) == ["security.s", "trusted.t", "user.u"]
+
+    def listed() -> None:
+        assert sorted(os.listxattr("f")) == ["security.s", "user.u"]
+
+    assert [as_user(d, listed) for d in both] == [0, 0]
+    assert [as_user(d, lambda: os.getxattr("f", "trusted.t")) for d in both] == [errno.ENODATA] * 2
 
 
 def test_xattrs_go_with_the_inode(mnt: Path) -> None:

@@ -56,8 +56,14 @@ XATTR_SIZE_MAX = 65536
 # The largest file: ext4's with 4 KiB blocks, so that applications (and conformance
 # suites) meet EFBIG where they would on a local disk rather than at 2**63.
 MAX_FILE_SIZE = (1 << 44) - 4096
+# Timestamps are nanoseconds in a signed 64-bit catalog column. ext4 keeps seconds from
+# -2**31 to 2**34 + 2**31 - 1 and clamps what lies outside; we clamp the same way, except
+# that our top is where 64-bit nanoseconds end (year 2262), short of ext4's (year 2446).
+TIME_MIN_NS = -(2**31) * 10**9
+TIME_MAX_NS = 2**63 - 1
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4  # overlayfs's: the old name becomes a whiteout (a 0:0 char device)
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -87,6 +93,22 @@ def _set_inode(i: Inode) -> SetInode:
         ctime_ns=i.ctime_ns,
         target=i.target,
     )
+
+
+def _clamp_time(ns: int | None) -> int | None:
+    """A time the kernel handed us, cut to what the catalog can hold (utimensat(2) takes
+    any 64-bit second count; storing 2**40 s in nanoseconds overflowed into EIO)."""
+    return None if ns is None else min(max(ns, TIME_MIN_NS), TIME_MAX_NS)
+
+
+def without_privs(mode: int) -> int:
+    """`mode` as a write or truncate by an unprivileged process leaves it: setuid goes, and
+    setgid when group-execute is on (setgid without it marks mandatory locking, and stays).
+    This is the rule the kernel's FUSE client applies on write() and truncate()."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
 
 
 def _check_name(name: bytes) -> None:
@@ -378,10 +400,12 @@ class FileSystem:
                 return False
             ino, seen = parent, seen + 1
 
-    def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
-            RENAME_NOREPLACE | RENAME_EXCHANGE
-        ):
+    def rename(
+        self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0, uid: int = 0, gid: int = 0
+    ) -> None:
+        """Move an entry; `uid`/`gid` (the caller's) own the whiteout RENAME_WHITEOUT leaves."""
+        known = RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
+        if flags & ~known or (flags & RENAME_EXCHANGE and flags & ~RENAME_EXCHANGE):
             raise FsError(errno.EINVAL)
         _check_name(n2)
         d1, d2 = self._dir(p1), self._live_dir(p2)
@@ -434,6 +458,25 @@ class FileSystem:
                 nlink_delta[p1] -= 1
                 nlink_delta[p2] += 1
             ops.append(_set_inode(replace(src, ctime_ns=now)))
+            if flags & RENAME_WHITEOUT:
+                wino = self._next_ino
+                self._next_ino += 1
+                if d1.mode & stat.S_ISGID:
+                    gid = d1.gid
+                wh = Inode(
+                    ino=wino,
+                    mode=stat.S_IFCHR,
+                    uid=uid,
+                    gid=gid,
+                    size=0,
+                    nlink=1,
+                    rdev=0,
+                    atime_ns=now,
+                    mtime_ns=now,
+                    ctime_ns=now,
+                    target=None,
+                )
+                ops += [_set_inode(wh), SetDirent(p1, n1, wino)]
         del d1, d2
         for pino, delta in nlink_delta.items():
             d = self._inode(pino)
@@ -475,6 +518,8 @@ class FileSystem:
         only unflushed writes reached must not be made to stick with zeros in it.
         """
         now = time.time_ns()
+        atime_ns, mtime_ns = _clamp_time(atime_ns), _clamp_time(mtime_ns)
+        ctime_ns = _clamp_time(ctime_ns)
         i = self._inode(ino)
         fd = self.files.get(ino)
         if (
@@ -542,9 +587,12 @@ class FileSystem:
             raise FsError(errno.ENODATA)
         return v
 
-    def listxattr(self, ino: int) -> list[bytes]:
+    def listxattr(self, ino: int, privileged: bool = True) -> list[bytes]:
+        """All names, but trusted.* only for a privileged caller: the kernel refuses those
+        to anyone else, and ext4 does not even list them (it checks CAP_SYS_ADMIN)."""
         self._inode(ino)
-        return sorted(self.cat.xattrs(ino))
+        names = sorted(self.cat.xattrs(ino))
+        return names if privileged else [n for n in names if not n.startswith(b"trusted.")]
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         _check_xattr_name(name)
