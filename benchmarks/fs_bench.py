@@ -20,6 +20,9 @@ mount's background shipping never disturbs the local reference):
 - create + write 4 KiB + fsync + close of --files files (files/s);
 - stat of those files (stats/s), after a pause longer than the mount's
   attribute/entry cache timeout, so every stat reaches the daemon;
+- `ls -l` of their directory (entries/s: readdir and lstat of each), after
+  the same pause; no target, a guard against listings that grow worse than
+  linearly with the directory;
 - rename of each file, then unlink of each (ops/s, renames + unlinks);
 - 4 KiB pwrite + fsync at random aligned offsets of a 16 MiB file,
   --iterations times: p50 and p99 latency (ms);
@@ -214,6 +217,21 @@ def stat_small(d: Path, n: int) -> float:
         return n / (time.perf_counter() - t0)
     finally:
         os.close(dfd)
+
+
+def list_small(d: Path, n: int) -> float:
+    """entries/s of `ls -l` of the directory (readdir + lstat of each), attributes expired."""
+    time.sleep(STAT_PAUSE)
+    t0 = time.perf_counter()
+    seen = 0
+    with os.scandir(d) as it:
+        for entry in it:
+            entry.stat(follow_symlinks=False)
+            seen += 1
+    rate = seen / (time.perf_counter() - t0)
+    if seen != n:
+        raise RuntimeError(f"{d} lists {seen} entries, expected {n}")
+    return rate
 
 
 def rename_delete(d: Path, n: int) -> float:
@@ -490,6 +508,7 @@ def run(args: argparse.Namespace, base: Path, rss: PeakRss, vs: VaultsyncSide) -
         "stat": Row(
             f"stat x{n}", "stats/s", ">= 20000/s", ok=lambda lo, v: v is not None and v >= 20000
         ),
+        "list": Row(f"ls -l of {n} entries", "entries/s", "-"),
         "rename": Row(
             f"rename+unlink x{n}",
             "ops/s",
@@ -540,6 +559,7 @@ def run(args: argparse.Namespace, base: Path, rss: PeakRss, vs: VaultsyncSide) -
         small = root / "small"
         attempt("create", side, lambda: create_small(small, n))
         attempt("stat", side, lambda: stat_small(small, n))
+        attempt("list", side, lambda: list_small(small, n))
         attempt("rename", side, lambda: rename_delete(small, n))
         lat: dict[str, float] = {}
 
