@@ -3,7 +3,8 @@
 `Catalog.inode` answers from memory when it can; only `apply` changes inodes,
 and a transaction that fails is rolled back whole. Histories of inode
 creations, replacements and drops, some transactions failing midway, must
-leave every cached answer equal to what SQLite holds.
+leave every cached answer equal to what SQLite holds. Listings, which read a
+page of entries with their inodes in one query, give the same inodes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vaultsync.catalog import Catalog, Inode
-from vaultsync.txn import DropInode, Op, SetInode, Transaction
+from vaultsync.txn import DropDirent, DropInode, Op, SetDirent, SetInode, Transaction
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,28 @@ def test_cached_inodes_match_the_table(tmp_path_factory: object, history: list) 
         cat.commit()
     finally:
         cat.close()
+
+
+def test_listing_pages_give_every_entry_with_its_inode_through_the_index(tmp_path: Path) -> None:
+    cat = Catalog.open(tmp_path / "catalog.db")
+    lsn = 0
+    for ino in range(10, 1510):  # two directories, entries interleaved
+        lsn += 1
+        parent = 2 + ino % 2
+        node = SetInode(ino=ino, mode=0o100644, size=ino, nlink=1)
+        cat.apply(lsn, Transaction((node, SetDirent(parent, b"n%d" % ino, ino))))
+    lsn += 1
+    cat.apply(lsn, Transaction((DropDirent(2, b"n500"), DropInode(500))))
+    listed, after = [], 0
+    while page := cat.listdir(2, after, 256):
+        listed += page
+        after = page[-1][0].id
+    assert [d.ino for d, _ in listed] == [i for i in range(10, 1510, 2) if i != 500]
+    assert all(i == cat.inode(d.ino) and i.size == d.ino for d, i in listed)
+    sql: list[str] = []
+    cat.db.set_trace_callback(sql.append)  # the statement a page runs, values bound
+    cat.listdir(2, 0, 256)
+    cat.db.set_trace_callback(None)
+    plan = " ".join(str(r) for r in cat.db.execute("EXPLAIN QUERY PLAN " + sql[-1]))
+    assert "dirents_by_parent" in plan and "TEMP B-TREE" not in plan, plan
+    cat.close()
