@@ -70,7 +70,7 @@ steps = st.lists(
 
 async def read_tree(vol: Volume | RecoveredVolume) -> Tree:
     out: Tree = {}
-    for d in vol.catalog.listdir(ROOT_INO, 0, 10_000):
+    for d, _ in vol.catalog.listdir(ROOT_INO, 0, 10_000):
         blocks = vol.catalog.blocks(d.ino)
         data = await vol.read_chunks([blocks[b][0] for b in sorted(blocks)])
         out[d.name] = b"".join(data)

@@ -248,7 +248,10 @@ def start_seaweedfs(
             f"-master.port={master}",
             "-master.volumeSizeLimitMB=128",
             f"-volume.port={volume}",
-            "-volume.max=0",
+            # Every bucket (a collection) takes 7 volumes at its first write. The automatic
+            # limit (0: free disk / volume size) ran out at about 75 buckets with 65 GB free;
+            # volumes are not preallocated, so a high fixed limit costs nothing.
+            "-volume.max=10000",
             "-filer",
             f"-filer.port={filer}",
             "-s3",
