@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 from vaultsync.api.auth import hash_token
 
-from tests.mounting import Mount
+from tests.mounting import Mount, fsync_path
 from tests.test_recovery import _targets_toml
 from vaultsync.providers import LocalProvider, free_port
 
@@ -57,14 +57,6 @@ class Round:
 class Volume:
     mount: Mount
     rounds: list[Round] = field(default_factory=list)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _stamp() -> str:
@@ -103,7 +95,7 @@ def write_volume(
     for i in range(30):
         put(f"/many/f{i:03d}", f"file {i}\n".encode() * (i + 1))
     os.symlink("docs", mnt / "link")
-    _fsync(mnt / "big.bin")
+    fsync_path(mnt / "big.bin")
     time.sleep(0.4)
     vol.rounds.append(Round(_stamp(), dict(files)))
     time.sleep(0.05)
@@ -117,7 +109,7 @@ def write_volume(
     put("/docs/a.txt", b"second version\n")
     os.unlink(mnt / "many" / "f000")
     del files["/many/f000"]
-    _fsync(mnt / "big.bin")
+    fsync_path(mnt / "big.bin")
     time.sleep(0.4)
     vol.rounds.append(Round(_stamp(), dict(files)))
     return vol

@@ -20,6 +20,15 @@ def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     )
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file by name (through the mount: the daemon commits and syncs it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class Mount:
     """One volume (state + config) and, while mounted, its daemon process."""

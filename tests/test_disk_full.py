@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import Mount, cli
+from tests.mounting import Mount, cli, fsync_path
 
 MIB = 1 << 20
 PAGE = 4096
@@ -33,14 +33,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield disk
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fill(path: Path, limit: int) -> tuple[list[bytes], OSError | None]:
@@ -69,7 +61,7 @@ def test_a_full_disk_says_enospc_loses_nothing_fsynced_and_recovers(small_disk: 
     try:
         keep = m.mountpoint / "keep"
         keep.write_bytes(b"acknowledged" * 1000)
-        _fsync(keep)
+        fsync_path(keep)
         pieces, err = _fill(m.mountpoint / "big", limit=80)
         assert err is not None, "80 MiB fitted on a 40 MiB disk"
         assert err.errno == errno.ENOSPC, f"a full disk said {err!r}, not ENOSPC"
@@ -85,7 +77,7 @@ def test_a_full_disk_says_enospc_loses_nothing_fsynced_and_recovers(small_disk: 
         ballast.unlink()
         after = m.mountpoint / "after"
         after.write_bytes(b"later" * 100)
-        _fsync(after)
+        fsync_path(after)
         # The daemon still holds more of `big` than fits: the operator gives it up.
         res = cli("umount", "--force", str(m.mountpoint), timeout=60)
         assert res.returncode == 0, res.stderr
