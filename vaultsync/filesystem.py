@@ -48,7 +48,7 @@ from vaultsync.txn import (
     SetXattr,
     TruncateBlocks,
 )
-from vaultsync.volume import ROOT_INO, Volume
+from vaultsync.volume import ROOT_INO, Volume, catalog_reserve
 
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
@@ -617,16 +617,19 @@ class FileSystem:
 
     # -- statfs ----------------------------------------------------------------------
     def statfs(self) -> dict[str, int]:
-        """Space as the local disk under the state directory sees it; inodes unlimited-ish."""
+        """Space as the local disk under the state directory sees it, less what the journal
+        leaves to the catalog (data writes stop there); inodes unlimited-ish."""
         st = os.statvfs(self.vol.state_dir)
+        held = catalog_reserve(st) // st.f_frsize
+        st_bfree, st_bavail = max(0, st.f_bfree - held), max(0, st.f_bavail - held)
         _used_bytes, inodes = self.cat.usage()
         total_inodes = max(inodes * 2, 1 << 24)
         return {
             "bsize": self.block_size,
             "frsize": 4096,
             "blocks": st.f_blocks * st.f_frsize // 4096,
-            "bfree": st.f_bfree * st.f_frsize // 4096,
-            "bavail": st.f_bavail * st.f_frsize // 4096,
+            "bfree": st_bfree * st.f_frsize // 4096,
+            "bavail": st_bavail * st.f_frsize // 4096,
             "files": total_inodes,
             "ffree": total_inodes - inodes,
             "favail": total_inodes - inodes,

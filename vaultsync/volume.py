@@ -118,6 +118,11 @@ def free_bytes(path: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def catalog_reserve(st: os.statvfs_result) -> int:
+    """Bytes of the state disk the journal leaves to the catalog (see Volume._check_room)."""
+    return min(Volume.RESERVE_MAX, st.f_blocks * st.f_frsize // 16)
+
+
 def disk_is_full(state_dir: Path, e: BaseException) -> bool:
     """Whether `e` is the state directory's disk running out of space (or quota)."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -645,7 +650,7 @@ class Volume:
                 st = os.statvfs(self.state_dir)
             except OSError:
                 return
-            reserve = min(self.RESERVE_MAX, st.f_blocks * st.f_frsize // 16)
+            reserve = catalog_reserve(st)
             self._room = st.f_bavail * st.f_frsize - reserve
             self._room_at = now
             self._reserve = reserve
