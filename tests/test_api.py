@@ -27,12 +27,12 @@ from tests.api_helpers import (
     READ_TOKEN,
     ApiServer,
     Volume,
-    _fsync,
     api_toml,
     auth,
     wait_healthy,
     write_volume,
 )
+from tests.mounting import fsync_path
 from vaultsync.providers import LocalProvider, free_port
 
 H = auth(ADMIN_TOKEN)
@@ -386,7 +386,7 @@ def test_listing_cache_follows_the_volume(env: dict[str, Any]) -> None:
     assert _names(live, "/cache-check") == {"a"}  # not even flushed: the live head has it
     (d / "b").write_bytes(b"b")
     assert _names(live, "/cache-check") == {"a", "b"}
-    _fsync(d / "b")
+    fsync_path(d / "b")
     name = f"cache-{os.getpid()}"
     r = httpx.post(live + "/v1/snapshots", json={"name": name}, headers=H)
     assert r.status_code == 201, r.text
@@ -394,7 +394,7 @@ def test_listing_cache_follows_the_volume(env: dict[str, Any]) -> None:
     # The standalone server reads the async rclone target: wait for it to catch up.
     assert _until(lambda: _names(standalone, "/cache-check") == {"a", "b"}, 30)
     (d / "c").write_bytes(b"c")
-    _fsync(d / "c")
+    fsync_path(d / "c")
     # At most FRESH_SECONDS (5) plus shipping later, the standalone 'latest' has c.
     assert _until(lambda: _names(standalone, "/cache-check") == {"a", "b", "c"}, 30)
     for url in (live, standalone):
