@@ -163,6 +163,13 @@ class PointViews:
         text = (at or "").strip()
         if self.live is not None and text in LIVE_WORDS:
             vol = self.live.vol
+            if vol.catalog.stale:  # lost changes the journal has (a full disk): see volume.py
+                raise ApiError(
+                    503,
+                    "catalog_failed",
+                    "the live volume's catalog could not be written and must be rebuilt: "
+                    "remount it; points from the targets are still served",
+                )
             return View(self.live, vol.last_lsn, time.time_ns(), True, vol.header.volume_id_hex)
         spec = _parse(text)
         async with self._lock:

@@ -175,6 +175,38 @@ async def test_a_catalog_that_cannot_be_written_stops_the_volume_and_loses_nothi
         await vol.close()
 
 
+async def test_a_refused_catalog_write_outside_a_transaction_stops_writes_too(
+    tmp_path: Path,
+) -> None:
+    """GC writes the catalog directly (dropping garbage chunks): a refusal there stops the
+    volume before the journal takes anything more."""
+    vol = await make_volume(tmp_path / "s")
+    await _new_file(vol, 100)
+    real = vol.catalog.db
+
+    class Refusing:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def executemany(self, *args: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    vol.catalog.db = Refusing()  # type: ignore[assignment]
+    with pytest.raises(sqlite3.Error):
+        vol.catalog.drop_chunks(1, [bytes(32)])
+    vol.catalog.db = real
+    journal = vol.journal.size
+    with pytest.raises(VolumeError, match="could not be written"):
+        await _new_file(vol, 101)
+    assert vol.read_only and vol.journal.size == journal
+    await vol.close()
+    vol = await Volume.open(tmp_path / "s")
+    try:
+        assert vol.catalog.inode(100) is not None and vol.catalog.inode(101) is None
+    finally:
+        await vol.close()
+
+
 async def test_wrong_passphrase_is_refused(tmp_path: Path) -> None:
     state = tmp_path / "s"
     vol = await make_volume(state, "right one")

@@ -27,9 +27,10 @@ commits, which replay from the journal on the next open.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,16 @@ class Catalog:
     def _fail(self, e: sqlite3.Error) -> None:
         self.failed = e
         self.stale = self._unsaved and not self.db.in_transaction
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around a write outside apply and commit: the same stop at the first refusal."""
+        self._check_failed()
+        try:
+            yield
+        except sqlite3.Error as e:
+            self._fail(e)
+            raise
 
     def _check_failed(self) -> None:
         if self.failed is not None:
@@ -455,18 +466,20 @@ class Catalog:
 
     def drop_chunks(self, segno: int, ids: Iterable[bytes]) -> int:
         """Forget chunks GC found garbage, so no new write deduplicates against them."""
-        if not self.db.in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
-        cur = self.db.executemany(
-            "DELETE FROM chunks WHERE id=? AND segno=?", [(i, segno) for i in ids]
-        )
-        return cur.rowcount
+        with self._writing():
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.executemany(
+                "DELETE FROM chunks WHERE id=? AND segno=?", [(i, segno) for i in ids]
+            )
+            return cur.rowcount
 
     def forget_segment(self, segno: int) -> None:
         """A segment GC deleted everywhere: it is no longer part of the journal."""
-        if not self.db.in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
-        self.db.execute("DELETE FROM segments WHERE segno=?", (segno,))
+        with self._writing():
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM segments WHERE segno=?", (segno,))
 
     def note_segment(
         self,
@@ -476,14 +489,15 @@ class Catalog:
         last_lsn: int | None,
         sealed_ns: int | None,
     ) -> None:
-        self.db.execute(
-            "INSERT INTO segments(segno, first_lsn, last_lsn, size, sealed, sealed_ns) "
-            "VALUES(?,?,?,?,?,?) ON CONFLICT(segno) DO UPDATE SET "
-            "first_lsn=coalesce(segments.first_lsn, excluded.first_lsn), "
-            "last_lsn=excluded.last_lsn, size=excluded.size, sealed=excluded.sealed, "
-            "sealed_ns=excluded.sealed_ns",
-            (segno, first_lsn, last_lsn, size, int(sealed_ns is not None), sealed_ns),
-        )
+        with self._writing():
+            self.db.execute(
+                "INSERT INTO segments(segno, first_lsn, last_lsn, size, sealed, sealed_ns) "
+                "VALUES(?,?,?,?,?,?) ON CONFLICT(segno) DO UPDATE SET "
+                "first_lsn=coalesce(segments.first_lsn, excluded.first_lsn), "
+                "last_lsn=excluded.last_lsn, size=excluded.size, sealed=excluded.sealed, "
+                "sealed_ns=excluded.sealed_ns",
+                (segno, first_lsn, last_lsn, size, int(sealed_ns is not None), sealed_ns),
+            )
 
     def sealed_segment(self, segno: int) -> dict[str, Any] | None:
         row = self._one(

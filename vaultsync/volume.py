@@ -394,6 +394,8 @@ class Volume:
         `relocate` stores `chunks` even when their ids are known: GC compaction moves
         live chunks out of a mostly-garbage segment this way.
         """
+        if self.catalog.failed is not None:  # GC's own catalog writes may be the first
+            raise self._catalog_failed(self.catalog.failed)
         if self._failed is not None:
             raise self._failed
         txn = Transaction(tuple(ops))
@@ -530,8 +532,11 @@ class Volume:
         if pos > self.durable_pos:
             self.durable_pos, self.durable_lsn = pos, upto
         now = time.time_ns()
-        for segno, first, last, size in sealed:
-            self.catalog.note_segment(segno, size, first, last, now)
+        try:
+            for segno, first, last, size in sealed:
+                self.catalog.note_segment(segno, size, first, last, now)
+        except sqlite3.Error as e:
+            raise self._catalog_failed(e) from e
         for notify in self.listeners:
             notify(bool(sealed))
 
