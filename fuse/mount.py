@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from vaultsync.config import Config
-from vaultsync.errors import VaultsyncError
+from vaultsync.errors import OUT_OF_SPACE, VaultsyncError
 from vaultsync.filesystem import FileSystem
 from vaultsync.quietlog import Throttled
 from vaultsync.volume import Volume, has_volume
@@ -582,7 +582,7 @@ def unmount(mountpoint: Path, timeout: float = 120, force: bool = False) -> None
             os.close(fd)
     except OSError as e:
         # EROFS and the like: nothing to save (a point-in-time mount). These mean loss:
-        if not force and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        if not force and e.errno in (*OUT_OF_SPACE, errno.EIO):
             raise MountError(
                 f"the daemon could not save the changes it holds ({e.strerror}); "
                 f"{mountpoint} stays mounted and nothing was lost. Its log says why (a full "

@@ -20,13 +20,12 @@ import pyfuse3
 from vaultsync.fuse.loop import running
 
 from vaultsync.catalog import Inode
-from vaultsync.errors import ReadOnlyVolumeError, VaultsyncError
+from vaultsync.errors import OUT_OF_SPACE, ReadOnlyVolumeError, VaultsyncError
 from vaultsync.filesystem import FileSystem, FsError, without_privs
 from vaultsync.quietlog import Throttled
 
 log = logging.getLogger("vaultsync.fuse")
 full = Throttled(log)
-OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -8,7 +8,6 @@ else escaping is a bug and keeps its traceback, so it gets reported.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.text import Text
 
 from vaultsync import __version__
 from vaultsync.config import Config, load_config
-from vaultsync.errors import VaultsyncError
+from vaultsync.errors import OUT_OF_SPACE, VaultsyncError
 
 app = typer.Typer(
     name="vaultsync",
@@ -629,7 +628,7 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in OUT_OF_SPACE:
             raise
         where = f" at {e.filename}" if e.filename else ""
         err.print(

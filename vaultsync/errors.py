@@ -7,6 +7,11 @@ non-zero, without a traceback. Anything else escaping is a bug.
 
 from __future__ import annotations
 
+import errno
+
+# The errnos of a disk (or quota) that has no room left: reported as such, never as EIO.
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
 
 class VaultsyncError(Exception):
     """A failure the user can act on; `str(err)` is the whole explanation."""

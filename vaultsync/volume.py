@@ -42,7 +42,13 @@ from vaultsync import segment as seg
 from vaultsync.catalog import Catalog, StoredChunk
 from vaultsync.chunks import Codec, PatchNeedsBase
 from vaultsync.crypto import VolumeKeys
-from vaultsync.errors import CryptoError, FormatError, ReadOnlyVolumeError, VolumeError
+from vaultsync.errors import (
+    OUT_OF_SPACE,
+    CryptoError,
+    FormatError,
+    ReadOnlyVolumeError,
+    VolumeError,
+)
 from vaultsync.header import HEADER_KEY, VolumeHeader
 from vaultsync.journal import Journal, Location, RecoveryReport
 from vaultsync.patch import PatchPlan
@@ -125,7 +131,7 @@ def catalog_reserve(st: os.statvfs_result) -> int:
 
 def disk_is_full(state_dir: Path, e: BaseException) -> bool:
     """Whether `e` is the state directory's disk running out of space (or quota)."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
         return True
     free = free_bytes(state_dir)
     return free is not None and free < DISK_FULL_BELOW
