@@ -192,17 +192,13 @@ class Catalog:
         applying a whole transaction. Until then a crash loses them from the
         catalog only; the journal has them and replay restores them.
         """
-        self._check_failed()
-        try:
+        with self._writing():
             if self.db.in_transaction:
                 if self._unsaved:
                     self.set_meta("last_lsn", self._last_lsn)
                     self.set_meta("max_ino", self._max_ino)
                 self.db.execute("COMMIT")
                 self._unsaved = False
-        except sqlite3.Error as e:
-            self._fail(e)
-            raise
 
     def _fail(self, e: sqlite3.Error) -> None:
         self.failed = e
@@ -210,7 +206,7 @@ class Catalog:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        """Around a write outside apply and commit: the same stop at the first refusal."""
+        """Around every catalog write: the stop at the first refusal (invariant above)."""
         self._check_failed()
         try:
             yield
@@ -269,14 +265,10 @@ class Catalog:
         """Apply one committed transaction atomically, with the chunks it stored."""
         if lsn <= self._last_lsn:
             return  # replay of something already applied: idempotent by design
-        self._check_failed()
-        try:
+        # Refused, the journal has this transaction and the catalog does not: applying any
+        # later one would leave a hole that meta.last_lsn papers over (invariant above).
+        with self._writing():
             self._apply(lsn, txn, list(chunks))
-        except sqlite3.Error as e:
-            # The journal has this transaction and the catalog does not: applying any
-            # later one would leave a hole that meta.last_lsn papers over (invariant above).
-            self._fail(e)
-            raise
 
     def _apply(self, lsn: int, txn: Transaction, chunks: list[StoredChunk]) -> None:
         if not self.db.in_transaction:

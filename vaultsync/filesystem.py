@@ -267,24 +267,30 @@ class FileSystem:
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         is_dir = stat.S_ISDIR(mode)
+        node = self._fresh_inode(mode, uid, gid, now, rdev=rdev, target=target)
+        p = replace(p, mtime_ns=now, ctime_ns=now, nlink=p.nlink + (1 if is_dir else 0))
+        self.vol.commit_nowait([_set_inode(node), SetDirent(parent, name, node.ino), _set_inode(p)])
+        return node
+
+    def _fresh_inode(
+        self, mode: int, uid: int, gid: int, now: int, *, rdev: int = 0, target: bytes | None = None
+    ) -> Inode:
+        """A new inode under the next number, not yet committed; the caller commits it."""
         ino = self._next_ino
         self._next_ino += 1
-        node = Inode(
+        return Inode(
             ino=ino,
             mode=mode,
             uid=uid,
             gid=gid,
             size=len(target) if target is not None else 0,
-            nlink=2 if is_dir else 1,
+            nlink=2 if stat.S_ISDIR(mode) else 1,
             rdev=rdev,
             atime_ns=now,
             mtime_ns=now,
             ctime_ns=now,
             target=target,
         )
-        p = replace(p, mtime_ns=now, ctime_ns=now, nlink=p.nlink + (1 if is_dir else 0))
-        self.vol.commit_nowait([_set_inode(node), SetDirent(parent, name, ino), _set_inode(p)])
-        return node
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
         if stat.S_IFMT(mode) == 0:
@@ -459,24 +465,10 @@ class FileSystem:
                 nlink_delta[p2] += 1
             ops.append(_set_inode(replace(src, ctime_ns=now)))
             if flags & RENAME_WHITEOUT:
-                wino = self._next_ino
-                self._next_ino += 1
                 if d1.mode & stat.S_ISGID:
                     gid = d1.gid
-                wh = Inode(
-                    ino=wino,
-                    mode=stat.S_IFCHR,
-                    uid=uid,
-                    gid=gid,
-                    size=0,
-                    nlink=1,
-                    rdev=0,
-                    atime_ns=now,
-                    mtime_ns=now,
-                    ctime_ns=now,
-                    target=None,
-                )
-                ops += [_set_inode(wh), SetDirent(p1, n1, wino)]
+                wh = self._fresh_inode(stat.S_IFCHR, uid, gid, now)
+                ops += [_set_inode(wh), SetDirent(p1, n1, wh.ino)]
         del d1, d2
         for pino, delta in nlink_delta.items():
             d = self._inode(pino)
