@@ -906,7 +906,11 @@ class FileSystem:
             pos += take
             view = view[take:]
         fd.extend_to(offset + len(data), None if self.kernel_cmtime else time.time_ns())
-        self._maybe_kick(ino, fd, len(data))
+        if self._kick_due(fd, len(data)):
+            with contextlib.suppress(Exception):  # a head start: the fsync reports for itself
+                await self.flush(ino)
+                self.vol.ship_now()
+            return len(data)
         if self.dirty_bytes > self.dirty_limit:
             # This write is taken (buffered): a failure here is reported by the next
             # write, which refuses above, or by the fsync.
@@ -1050,11 +1054,13 @@ class FileSystem:
     # An application that fsyncs a file after every write (a database's log) pays,
     # before the upload to a sync target can start, the FSYNC request's round trip and
     # the commit. Once that file's last KICK_STREAK fsyncs each followed exactly one
-    # write, its next small write is committed and its tail sent at once, in the
-    # background while the write's reply goes back: the fsync that follows finds the
-    # upload on its way. A second write before the fsync breaks the rhythm; nothing
-    # changes without sync targets. (Sending data before it is asked to be durable
-    # promises nothing more: it is just early.)
+    # write, its next small write is committed and its tail sent before the write is
+    # answered: the fsync that follows finds the upload on its way. (Committing first
+    # and answering after, not the other way round: the application waits for the
+    # upload anyway, and the reply and a background task would only delay its start.)
+    # A second write before the fsync breaks the rhythm; nothing changes without sync
+    # targets. (Sending data before it is asked to be durable promises nothing more:
+    # it is just early.)
     KICK_STREAK = 2
     KICK_MAX = 256 * 1024
 
@@ -1066,24 +1072,14 @@ class FileSystem:
         await self.flush(ino)
         await self.vol.sync()
 
-    def _maybe_kick(self, ino: int, fd: FileData, size: int) -> None:
+    def _kick_due(self, fd: FileData, size: int) -> bool:
         fd.writes_since_fsync += 1
-        if (
-            fd.fsync_streak < self.KICK_STREAK
-            or fd.writes_since_fsync > 1  # only the first write after an fsync
-            or size > self.KICK_MAX
-            or getattr(self.vol, "replicate_soon", None) is None
-        ):
-            return
-
-        async def go() -> None:
-            try:
-                await self.flush(ino)
-            except Exception:
-                return  # only a head start: the fsync flushes and reports for itself
-            self.vol.ship_now()
-
-        self._in_background(go())
+        return (
+            fd.fsync_streak >= self.KICK_STREAK
+            and fd.writes_since_fsync == 1  # only the first write after an fsync
+            and size <= self.KICK_MAX
+            and getattr(self.vol, "replicate_soon", None) is not None
+        )
 
     async def flush_some(self) -> None:
         """Under memory pressure: flush the files holding the most dirty bytes first."""

@@ -475,7 +475,16 @@ class Volume:
         """
         if replicate and self.replicate is not None:
             pos, lsn = (self.journal.segno, self.journal.size), self.last_lsn
-            await asyncio.gather(self._sync_local(), self.replicate(pos, lsn))
+            # The local part in a task of its own, the upload (nearly always the slower)
+            # awaited in this one: when the target acknowledges, this task resumes at
+            # once, where gather() would cost two more turns of the loop per fsync.
+            local = asyncio.ensure_future(self._sync_local())
+            try:
+                await self.replicate(pos, lsn)
+            except BaseException:
+                local.add_done_callback(lambda t: t.cancelled() or t.exception())
+                raise
+            await local
         else:
             await self._sync_local()
 
