@@ -87,6 +87,15 @@ def target_for(
     )
 
 
+def target_block(name: str, p: LocalProvider, bucket: str, mode: str = "async") -> str:
+    """A [[targets]] table for a volume's TOML: `bucket` on `p`, prefix "v"."""
+    cred = _credentials_file(p.access_key, p.secret_key)
+    return (
+        f'\n[[targets]]\nname = "{name}"\nendpoint = "{p.endpoint}"\nbucket = "{bucket}"\n'
+        f'prefix = "v"\nmode = "{mode}"\ncredentials = {{ file = "{cred}" }}\n'
+    )
+
+
 @pytest.fixture
 def make_target() -> Callable[..., TargetConfig]:
     return target_for

@@ -46,10 +46,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import target_block
 from tests.mounting import Mount
 from tests.test_fs_model import CHUNK_SIZES, KIB, MIB
+from vaultsync.providers import LocalProvider
 
 DEFAULT_STEPS = 5000  # per block size: the three runs add 35-60 s to CI
+SYNC_STEPS = 1500  # with a sync target, where every fsync is a PUT
 COMPARE_EVERY = 50
 REMOUNT_EVERY = 5000  # besides the one in the middle: long runs remount now and then
 HISTORY_SHOWN = 40
@@ -134,9 +137,19 @@ class FsxFailure(AssertionError):
 
 class Fsx:
     def __init__(
-        self, mount: Mount, seed: int, steps: int, block: int, writeback: bool, maxlen: int = 0
+        self,
+        mount: Mount,
+        seed: int,
+        steps: int,
+        block: int,
+        writeback: bool,
+        maxlen: int = 0,
+        rhythm: bool = False,
     ) -> None:
         self.mount = mount
+        # With a sync target: also runs of write+fsync on one file, the rhythm in which
+        # the daemon commits and ships a write before answering it (filesystem.py).
+        self.rhythm = rhythm
         self.seed = seed
         self.steps = steps
         self.block = block
@@ -483,6 +496,26 @@ class Fsx:
         self.log(f"{how} f{i}")
         (os.fsync if how == "fsync" else os.fdatasync)(self.fds[i])
 
+    def op_rhythm(self) -> None:
+        """Small writes each followed by an fsync (a database's log), overwriting or
+        appending, read back through a second path now and then."""
+        i = self.pick()
+        append = self.rng.random() < 0.5
+        rounds = self.rng.randint(3, 6)
+        self.log(f"rhythm f{i} x{rounds} ({'append' if append else 'overwrite'})")
+        for _ in range(rounds):
+            size = len(self.model[i])
+            off = size if append else self.offset(i, past_eof=False)
+            data = self.data(self.rng.randint(1, 8192))
+            if off + len(data) > self.maxlen:
+                break
+            if os.pwrite(self.fds[i], data, off) != len(data):
+                self.fail(f"rhythm f{i}: short write")
+            self.m_write(i, off, data)
+            os.fsync(self.fds[i])
+            if self.rng.random() < 0.3:
+                self.check_data(i, off, os.pread(self.fds[i], len(data), off), "rhythm read")
+
     def op_reopen(self) -> None:
         i = self.pick()
         self.log(f"close and reopen f{i}")
@@ -623,6 +656,8 @@ class Fsx:
             (self.op_clone_range, 1),
             (self.op_drop_cache, 3),
         ]
+        if self.rhythm:
+            ops.append((self.op_rhythm, 6))
         funcs = [f for f, _ in ops]
         weights = [w for _, w in ops]
         self.open_all()
@@ -650,23 +685,53 @@ class Fsx:
         self.compare_cold("at the end, read cold through fresh descriptors")
 
 
-@pytest.mark.parametrize("block", CHUNK_SIZES, ids=lambda b: f"bs{b}")
-def test_fsx(tmp_path: Path, block: int) -> None:
+def _settings(default_steps: int, block: int) -> tuple[int, int, bool]:
+    """Seed, steps and writeback mode: from the environment, or a fresh random run."""
     seed_env = os.environ.get("VAULTSYNC_FSX_SEED")
     seed = int(seed_env) if seed_env else random.SystemRandom().randrange(1 << 32)
-    steps = int(os.environ.get("VAULTSYNC_FSX_STEPS") or DEFAULT_STEPS)
+    steps = int(os.environ.get("VAULTSYNC_FSX_STEPS") or default_steps)
     wb_env = os.environ.get("VAULTSYNC_FSX_WRITEBACK")
     writeback = wb_env == "1" if wb_env else random.Random(seed + 1).random() < 0.5
     print(
         f"VAULTSYNC_FSX_SEED={seed} VAULTSYNC_FSX_STEPS={steps} "
         f"(block size {block}, writeback_cache={writeback})"
     )
+    return seed, steps, writeback
+
+
+@pytest.mark.parametrize("block", CHUNK_SIZES, ids=lambda b: f"bs{b}")
+def test_fsx(tmp_path: Path, block: int) -> None:
+    seed, steps, writeback = _settings(DEFAULT_STEPS, block)
     mount = Mount.create(
         tmp_path / "vol",
         f"chunk_size = {block}\n[mount]\nwriteback_cache = {str(writeback).lower()}\n",
     )
     maxlen = int(os.environ.get("VAULTSYNC_FSX_MAXLEN") or 0)  # 0: a few blocks
     fsx = Fsx(mount, seed, steps, block, writeback, maxlen)
+    _run(fsx, mount, steps)
+    if steps >= 500:  # the run must have reached every kind of operation
+        for kind in ("write", "read", "read2", "mapread", "mapwrite", "truncate", "copy_range"):
+            assert fsx.counts[kind] >= 3, (kind, dict(fsx.counts))
+
+
+def test_fsx_with_a_sync_target(tmp_path: Path, seaweedfs: LocalProvider) -> None:
+    """The same, shorter, with one sync target: every fsync waits for an upload, and
+    write+fsync runs take the path that commits and ships a write before answering it."""
+    seed, steps, writeback = _settings(SYNC_STEPS, 64 * KIB)
+    bucket = f"fsx-{random.SystemRandom().randrange(1 << 48):012x}"
+    seaweedfs.create_bucket(bucket)
+    mount = Mount.create(
+        tmp_path / "vol",
+        f"chunk_size = {64 * KIB}\n[mount]\nwriteback_cache = {str(writeback).lower()}\n"
+        + target_block("sw", seaweedfs, bucket, "sync"),
+    )
+    fsx = Fsx(mount, seed, steps, 64 * KIB, writeback, rhythm=True)
+    _run(fsx, mount, steps)
+    if steps >= 500:
+        assert fsx.counts["rhythm"] >= 10, dict(fsx.counts)
+
+
+def _run(fsx: Fsx, mount: Mount, steps: int) -> None:
     t0 = time.monotonic()
     try:
         mount.start()
@@ -678,6 +743,3 @@ def test_fsx(tmp_path: Path, block: int) -> None:
     print(f"answers: {fsx.answers}")
     log = mount.log.read_text(errors="replace") if mount.log.exists() else ""
     assert "Traceback" not in log, log[-3000:]
-    if steps >= 500:  # the run must have reached every kind of operation
-        for kind in ("write", "read", "read2", "mapread", "mapwrite", "truncate", "copy_range"):
-            assert fsx.counts[kind] >= 3, (kind, dict(fsx.counts))

@@ -23,21 +23,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import _credentials_file
+from tests.conftest import _credentials_file, target_block
 from tests.mounting import Mount, cli
 from tests.test_recovery import PointMount, _tree
 from vaultsync.providers import LocalProvider
 
 VOLUME = 'segment_size = "1MiB"\nsegment_max_age = 0.3\n'
 REPL = "[replication]\ncheckpoint_every = 5\ncheckpoint_check = 0.2\n"
-
-
-def target_block(name: str, p: LocalProvider, bucket: str, mode: str = "async") -> str:
-    cred = _credentials_file(p.access_key, p.secret_key)
-    return (
-        f'\n[[targets]]\nname = "{name}"\nendpoint = "{p.endpoint}"\nbucket = "{bucket}"\n'
-        f'prefix = "v"\nmode = "{mode}"\ncredentials = {{ file = "{cred}" }}\n'
-    )
 
 
 def fresh_bucket(p: LocalProvider) -> str:
