@@ -906,6 +906,7 @@ class FileSystem:
             pos += take
             view = view[take:]
         fd.extend_to(offset + len(data), None if self.kernel_cmtime else time.time_ns())
+        fd.writes_since_fsync += 1
         if self._kick_due(fd, len(data)):
             with contextlib.suppress(Exception):  # a head start: the fsync reports for itself
                 await self.flush(ino)
@@ -1073,7 +1074,6 @@ class FileSystem:
         await self.vol.sync()
 
     def _kick_due(self, fd: FileData, size: int) -> bool:
-        fd.writes_since_fsync += 1
         return (
             fd.fsync_streak >= self.KICK_STREAK
             and fd.writes_since_fsync == 1  # only the first write after an fsync
