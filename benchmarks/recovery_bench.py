@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import filecmp
+import functools
 import itertools
 import os
 import random
@@ -595,7 +596,7 @@ def main() -> int:
         bench.attempt("starting SeaweedFS", bench.start_provider)
         if bench.provider is not None:
             for n in args.files:
-                bench.attempt(f"recovery of {n:,} files", lambda n=n: bench.recovery(n))
+                bench.attempt(f"recovery of {n:,} files", functools.partial(bench.recovery, n))
             if not args.no_restore:
                 bench.attempt("restore throughput", bench.restore)
             bench.attempt("process start floor", bench.startup_floor)

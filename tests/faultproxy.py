@@ -332,7 +332,7 @@ class FaultProxy:
         while True:
             if self._should_kill(conn):
                 return
-            if self._mode == "blackhole":
+            if self.mode == "blackhole":  # set_mode may have changed it meanwhile
                 time.sleep(0.02)  # nothing moves; the kernel buffers fill up as in a partition
                 continue
             ready, _, _ = select.select([conn.client, conn.server], [], [], 0.05)

@@ -55,7 +55,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     drv.execute_cdp_cmd(
         "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
     )
-    drv.downloads = downloads
+    drv.downloads = downloads  # type: ignore[attr-defined]  # where the tests look
     try:
         yield drv
     finally:

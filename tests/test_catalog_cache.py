@@ -51,7 +51,9 @@ def _row(cat: Catalog, ino: int) -> Inode | None:
 
 @settings(max_examples=60, deadline=None)
 @given(history=st.lists(_txn, min_size=1, max_size=25))
-def test_cached_inodes_match_the_table(tmp_path_factory: object, history: list) -> None:
+def test_cached_inodes_match_the_table(
+    tmp_path_factory: object, history: list[tuple[list[Op], bool]]
+) -> None:
     d: Path = tmp_path_factory.mktemp("cat")  # type: ignore[attr-defined]
     cat = Catalog.open(d / "catalog.db")
     try:

@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vaultsync import segment as seg
-from vaultsync.chunks import CHUNK_ID_SIZE, PROBE, PROBE_ABOVE, Codec
+from vaultsync.chunks import PROBE, PROBE_ABOVE, Codec
 from vaultsync.crypto import VolumeKeys
 from vaultsync.errors import CorruptRecordError, CryptoError
+from vaultsync.segment import CHUNK_ID_SIZE
 
 KEYS_A = VolumeKeys.from_master(bytes(range(32)))
 KEYS_B = VolumeKeys.from_master(bytes(range(1, 33)))

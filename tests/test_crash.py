@@ -49,8 +49,8 @@ async def test_sigkill_never_loses_an_acknowledged_commit(tmp_path: Path) -> Non
         out, _ = proc.communicate(timeout=30)
         acks = [ln.split() for ln in out.splitlines() if ln.startswith("ack ")]
         assert acks or round_no > 0, "the writer never acknowledged anything"
-        for _, ino, digest in acks:
-            promised[int(ino)] = digest
+        for _, ino_text, digest in acks:
+            promised[int(ino_text)] = digest
 
         vol = await Volume.open(state, segment_size=64 * 1024)
         try:

@@ -120,7 +120,8 @@ def errname(e: OSError) -> str:
 
 def read_fd(fd: int, size: int) -> bytes:
     """The first `size` bytes through `fd` (and whatever lies past them: a wrong size)."""
-    parts, off = [], 0
+    parts: list[bytes] = []
+    off = 0
     while True:
         chunk = os.pread(fd, 4 * MIB, off)
         if not chunk:

@@ -42,7 +42,11 @@ def pipe() -> Iterator[tuple[int, int]]:
 
 
 def _write_later(fd: int, delay: float) -> threading.Thread:
-    t = threading.Thread(target=lambda: (time.sleep(delay), os.write(fd, b"x")))
+    def write() -> None:
+        time.sleep(delay)
+        os.write(fd, b"x")
+
+    t = threading.Thread(target=write)
     t.start()
     return t
 
@@ -98,9 +102,12 @@ async def test_other_tasks_run_while_it_polls(slept: list[int], pipe: tuple[int,
     done = loop.create_future()
     seen: list[float] = []
     t0 = time.monotonic()
-    threading.Thread(
-        target=lambda: (time.sleep(0.02), loop.call_soon_threadsafe(done.set_result, None))
-    ).start()
+
+    def finish_soon() -> None:
+        time.sleep(0.02)
+        loop.call_soon_threadsafe(done.set_result, None)
+
+    threading.Thread(target=finish_soon).start()
 
     async def other() -> None:
         await done

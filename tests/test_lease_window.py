@@ -70,7 +70,7 @@ class Rig:
         await self.fs.fsync(self.ino)
 
     def counted(self) -> bool:
-        return self.sh.holds(self.vol.durable_pos)
+        return bool(self.sh.holds(self.vol.durable_pos))
 
 
 @pytest.fixture

@@ -28,10 +28,12 @@ OPS = st.lists(
 )
 
 
-def _run(base: bytes, ops: list[tuple[str, int, int]], seed: int) -> tuple[bytes, int, list]:
+def _run(
+    base: bytes, ops: list[tuple[str, int, int]], seed: int
+) -> tuple[bytes, int, list[patch.Range]]:
     """Drive a block the way FileData does and track (keep, ranges) the way it does."""
     buf = bytearray(base)
-    keep, ranges = len(base), []
+    keep, ranges = len(base), list[patch.Range]()
     for i, (kind, off, n) in enumerate(ops):
         if kind == "truncate":
             del buf[off:]
@@ -48,7 +50,9 @@ def _run(base: bytes, ops: list[tuple[str, int, int]], seed: int) -> tuple[bytes
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=BLOCK), OPS, st.integers(0, 250))
-def test_a_block_is_its_base_and_its_patch(base: bytes, ops: list, seed: int) -> None:
+def test_a_block_is_its_base_and_its_patch(
+    base: bytes, ops: list[tuple[str, int, int]], seed: int
+) -> None:
     block, keep, ranges = _run(base, ops, seed)
     assert patch.apply(base, patch.encode(block, keep, ranges)) == block
     covered = [o for o, n in ranges for o in range(o, o + n)]
@@ -59,7 +63,7 @@ def test_a_block_is_its_base_and_its_patch(base: bytes, ops: list, seed: int) ->
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=BLOCK), OPS, OPS, st.integers(0, 250))
 def test_a_patch_of_a_patch_rebases_on_the_first_base(
-    base: bytes, first: list, second: list, seed: int
+    base: bytes, first: list[tuple[str, int, int]], second: list[tuple[str, int, int]], seed: int
 ) -> None:
     middle, keep1, ranges1 = _run(base, first, seed)
     last, keep2, ranges2 = _run(middle, second, seed + 1)

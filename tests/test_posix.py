@@ -1540,7 +1540,7 @@ async def test_fsync_waits_for_a_flush_already_in_flight(fs: FileSystem) -> None
             data_lsns.append(lsn)
         return lsn
 
-    vol.commit_nowait = spy  # type: ignore[method-assign]
+    vol.commit_nowait = spy  # type: ignore[method-assign,assignment]
     await fs.write(ino, 0, os.urandom(1 << 20))
     background = asyncio.ensure_future(fs.flush(ino))  # e.g. the timer's flush_old
     await asyncio.sleep(0)  # it has taken the dirty blocks and hashes them in a thread

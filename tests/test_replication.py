@@ -353,7 +353,7 @@ def wait_status(
     st: dict[str, Any] = {}
     while time.monotonic() < deadline:
         st = status(m)
-        t = st.get("targets", {}).get(target)
+        t: dict[str, Any] | None = st.get("targets", {}).get(target)
         # Only the running daemon's own status counts (not one a killed daemon left behind).
         if t is not None and (m.proc is None or st.get("pid") == m.proc.pid) and pred(t):
             return t

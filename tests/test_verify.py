@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 from minio import Minio
 
@@ -40,7 +41,7 @@ def _two_target_volume(root: Path, sw: LocalProvider, rc: LocalProvider) -> tupl
     return Mount.create(root, toml), bucket
 
 
-def _verify(m: Mount, *extra: str) -> tuple[int, dict[str, object]]:
+def _verify(m: Mount, *extra: str) -> tuple[int, dict[str, Any]]:
     res = subprocess.run(
         [sys.executable, "-m", "vaultsync", "verify", str(m.config), "--json", *extra],
         capture_output=True,
@@ -80,7 +81,7 @@ def test_verify_finds_and_heals_damaged_and_missing_copies(
 
     rc_code, report = _verify(m, "--no-heal")
     assert rc_code == 2
-    by_name = {t["name"]: t for t in report["targets"]}  # type: ignore[index, union-attr]
+    by_name = {t["name"]: t for t in report["targets"]}
     assert by_name["rc"]["corrupt"] == [1] and by_name["sw"]["missing"] == [2]
 
     code, report = _verify(m)
