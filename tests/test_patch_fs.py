@@ -102,6 +102,48 @@ async def test_small_rewrites_are_patches_and_read_back(tmp_path: Path, passphra
         await vol.close()
 
 
+async def test_random_writes_over_uncached_blocks_read_nothing_until_needed(
+    tmp_path: Path,
+) -> None:
+    """A partial write into a stored block whose chunk is not in memory is taken without
+    reading it; a read, or the flush, reads the chunks (several in one trip) and puts them
+    under the writes; the result reads back as written and is stored as patches."""
+    state = tmp_path / "state"
+    vol = await Volume.create(state, new_header("p", BS, 3), None)
+    fs = FileSystem(vol)
+    rng = random.Random(7)
+    model = bytearray(rng.randbytes(8 * BS))
+    ino = await _file(fs, b"f", bytes(model))
+    fs.cache = type(fs.cache)(fs.cache.limit)  # nothing of the file in memory
+    trips: list[int] = []
+    real = vol.read_chunks
+
+    async def counted(cids: list[bytes]) -> list[bytes]:
+        trips.append(len(cids))
+        return await real(cids)
+
+    vol.read_chunks = counted  # type: ignore[method-assign,assignment]
+    for b in (1, 3, 5, 6):
+        for _ in range(3):  # several writes into each, a few bytes to a few KiB
+            off = b * BS + rng.randrange(BS - 5000)
+            data = rng.randbytes(rng.randint(1, 5000))
+            model[off : off + len(data)] = data
+            await fs.write(ino, off, data)
+    assert trips == [], "a write read its block's stored chunk"
+    assert sorted(fs.files[ino].unloaded) == [1, 3, 5, 6]
+    # A read of one block brings in that one, under its writes.
+    assert await fs.read(ino, 3 * BS, BS) == model[3 * BS : 4 * BS]
+    assert trips == [1] and sorted(fs.files[ino].unloaded) == [1, 5, 6]
+    # The flush brings in the other three in one trip, and stores patches.
+    await fs.fsync(ino)
+    assert trips == [1, 3]
+    assert not fs.files[ino].unloaded
+    vol.catalog.commit()
+    assert len(_patch_rows(state)) == 4, "the rewritten blocks were not stored as patches"
+    assert await _read_all(fs, ino) == model
+    await vol.close()
+
+
 async def _version_1(state: Path, data: bytes) -> tuple[Volume, FileSystem, int]:
     """A volume as vaultsync wrote them before patches, holding one file of `data`."""
     vol = await Volume.create(state, replace(new_header("p", BS, 3), format_version=1))

@@ -1,7 +1,7 @@
 """One open file's unflushed writes: dirty blocks, blocks being flushed, size and times.
 
 Pure bookkeeping, no I/O: `filesystem.py` loads the stored base of a block
-before its first partial write (read-modify-write) and commits on flush.
+for a partial write (read-modify-write) and commits on flush.
 
 A block lives in at most one of `blocks` (dirty, written since the last flush
 began) and the newest `inflight` snapshot (handed to a flush that has not
@@ -13,6 +13,15 @@ stay small: that chunk, how many of its first bytes the block still holds
 (`keep`) and the ranges written since. INVARIANT: the block equals the origin
 chunk's first `keep` bytes, zero-extended, with `ranges` of its own bytes over
 them, which is what lets the flush store it as a patch (vaultsync/patch.py).
+
+A block whose stored chunk was not in memory when a partial write came is
+*unloaded*: the write goes into a placeholder of zeros at once, and the
+chunk's bytes are put under it later, when something needs the whole block
+(a read, the flush), many blocks in one trip; a random 4 KiB write then costs
+no read. INVARIANT: an unloaded block equals `unloaded[b].cid`'s first
+`unloaded[b].keep` bytes, zero-extended, with its `ranges` taken from
+`blocks[b]`; outside those ranges `blocks[b]` holds nothing yet. `peek`
+answers None for it, and `take_dirty` refuses it.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ class FileData:
         self.blocks: dict[int, bytes | bytearray] = {}
         self.inflight: dict[int, bytes] = {}
         self.origins: dict[int, Origin] = {}  # dirty blocks that may be stored as patches
+        self.unloaded: dict[int, Origin] = {}  # dirty blocks still missing their stored bytes
         self.mtime_ns = 0  # 0: unchanged since the catalog's value
         self.ctime_ns = 0
         self.dirty_since = 0.0
@@ -73,6 +83,9 @@ class FileData:
         return blockno in self.blocks
 
     def peek(self, blockno: int) -> bytes | None:
+        """The block's bytes if held here; None if not, or not loaded yet (`unloaded`)."""
+        if blockno in self.unloaded:
+            return None
         b = self.blocks.get(blockno)
         if b is not None:
             return bytes(b)
@@ -91,11 +104,36 @@ class FileData:
             self.dirty_since = time.monotonic()
         return len(base)
 
+    def start_unloaded(self, blockno: int, cid: bytes, length: int) -> int:
+        """Begin dirtying a stored block (`length` bytes of chunk `cid`) without its bytes:
+        they come with `load_base`. Returns bytes added."""
+        self.blocks[blockno] = bytearray(length)
+        self.unloaded[blockno] = Origin(cid, length)
+        self.origins[blockno] = Origin(cid, length)
+        if not self.dirty_since:
+            self.dirty_since = time.monotonic()
+        return length
+
+    def load_base(self, blockno: int, chunk: bytes) -> None:
+        """Put the stored chunk's bytes under what was written over an unloaded block."""
+        u = self.unloaded.pop(blockno)
+        written = self.blocks[blockno]
+        base = chunk[: u.keep]
+        merged = bytearray(written)
+        merged[: len(base)] = base
+        for off, n in u.ranges:
+            merged[off : off + n] = written[off : off + n]
+        self.blocks[blockno] = merged
+        o = self.origins.get(blockno)
+        if o is not None and len(chunk) != o.keep:
+            del self.origins[blockno]  # not the whole chunk (cut by a truncate): store it whole
+
     def put_whole(self, blockno: int, data: memoryview) -> int:
         """A write covering the whole block: its bytes replace whatever it held."""
         old = self.blocks.get(blockno)
         self.blocks[blockno] = bytes(data)
         self.origins.pop(blockno, None)
+        self.unloaded.pop(blockno, None)
         if not self.dirty_since:
             self.dirty_since = time.monotonic()
         return len(data) - (len(old) if old is not None else 0)
@@ -109,6 +147,9 @@ class FileData:
         if offset > before:
             buf.extend(bytes(offset - before))  # past `keep`: zeros in a patch too
         buf[offset : offset + len(data)] = data
+        u = self.unloaded.get(blockno)
+        if u is not None:
+            add_range(u.ranges, offset, len(data))
         o = self.origins.get(blockno)
         if o is not None:
             add_range(o.ranges, offset, len(data))
@@ -132,6 +173,8 @@ class FileData:
         """Snapshot dirty blocks (all, or `which`) for a flush, with the origins of those
         that may be stored as patches; the blocks stay readable in flight."""
         chosen = list(self.blocks) if which is None else [b for b in which if b in self.blocks]
+        if any(b in self.unloaded for b in chosen):
+            raise AssertionError("a flush took a block whose stored bytes are not loaded")
         snap = {b: bytes(self.blocks.pop(b)) for b in chosen}
         origins = {b: o for b in chosen if (o := self.origins.pop(b, None)) is not None}
         self.epoch += 1
@@ -172,17 +215,18 @@ class FileData:
         for table in (self.blocks, self.inflight):
             for b in [b for b in table if b * bs >= size]:
                 del table[b]
-        for b in [b for b in self.origins if b * bs >= size]:
-            del self.origins[b]
+        for origins in (self.origins, self.unloaded):
+            for b in [b for b in origins if b * bs >= size]:
+                del origins[b]
         last = size // bs
         for table2 in (self.blocks,):
             buf = table2.get(last)
             if buf is not None and len(buf) > size % bs:
                 table2[last] = buf[: size % bs]
-                o = self.origins.get(last)
-                if o is not None:
-                    o.keep = min(o.keep, size % bs)
-                    o.ranges = clip(o.ranges, size % bs)
+                for o in (self.origins.get(last), self.unloaded.get(last)):
+                    if o is not None:
+                        o.keep = min(o.keep, size % bs)
+                        o.ranges = clip(o.ranges, size % bs)
         if last in self.inflight and len(self.inflight[last]) > size % bs:
             self.inflight[last] = self.inflight[last][: size % bs]
         self.size = self.stored_size = size

@@ -30,7 +30,7 @@ import stat
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -757,10 +757,31 @@ class FileSystem:
         """Current content of one block (dirty, in flight, or stored); may be short."""
         fd = self.files.get(ino)
         if fd is not None:
+            while blockno in fd.unloaded:
+                await self._load_bases(fd, [blockno])
             b = fd.peek(blockno)
             if b is not None:
                 return b
         return await self._stored_block(ino, blockno, known)
+
+    async def _load_bases(self, fd: FileData, blocks: Iterable[int]) -> None:
+        """Put their stored bytes under the writes to these blocks, where unloaded: the
+        chunks not cached in one `read_chunks` trip (the volume reads neighbours together)."""
+        todo = {b: u for b in blocks if (u := fd.unloaded.get(b)) is not None}
+        have: dict[bytes, bytes] = {}
+        want: list[bytes] = []
+        for u in todo.values():
+            if u.cid not in have and u.cid not in want:
+                data = self.cache.get(u.cid)
+                if data is None:
+                    want.append(u.cid)
+                else:
+                    have[u.cid] = data
+        if want:
+            have.update(zip(want, await self.vol.read_chunks(want), strict=True))
+        for b, u in todo.items():
+            if fd.unloaded.get(b) is u:  # else written whole, cut away or loaded meanwhile
+                fd.load_base(b, have[u.cid])
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         i = self.getattr(ino)
@@ -824,8 +845,10 @@ class FileSystem:
 
         async def batch(first: int) -> bytes:
             last = min(first + per, nblocks) - 1
-            refs = self.cat.block_range(ino, first, last)
             fd = self.files.get(ino)
+            while fd is not None and any(b in fd.unloaded for b in range(first, last + 1)):
+                await self._load_bases(fd, range(first, last + 1))
+            refs = self.cat.block_range(ino, first, last)
             held = {b: fd.peek(b) for b in range(first, last + 1)} if fd is not None else {}
             want = list(dict.fromkeys(ref[0] for b, ref in refs.items() if held.get(b) is None))
             got = dict(zip(want, await self.vol.read_chunks(want), strict=True)) if want else {}
@@ -894,6 +917,12 @@ class FileSystem:
                     base = await self._block(ino, b)
                 else:  # the stored chunk: the block may go back as a patch of it
                     ref = self.cat.block(ino, b)
+                    if ref is not None and self.cache.get(ref[0]) is None:
+                        # Not in memory: write now, read it when the whole block is
+                        # needed, with others (FileData.unloaded). No await since the
+                        # loop's test: the block is still not dirty.
+                        self.dirty_bytes += fd.start_unloaded(b, ref[0], ref[1])
+                        break
                     base = await self._stored_block(ino, b, {b: ref} if ref else {})
                     origin = ref[0] if ref is not None and len(base) == ref[1] else None
                 cur = self._data(ino)  # it may have been flushed and dropped meanwhile
@@ -906,6 +935,9 @@ class FileSystem:
             pos += take
             view = view[take:]
         fd.extend_to(offset + len(data), None if self.kernel_cmtime else time.time_ns())
+        touched = range(offset // bs, (offset + max(len(data), 1) - 1) // bs + 1)
+        if any(len(fd.unloaded[b].ranges) > PATCH_RANGES for b in touched if b in fd.unloaded):
+            await self._load_bases(fd, touched)  # many small writes into one: merge them now
         fd.writes_since_fsync += 1
         if self._kick_due(fd, len(data)):
             with contextlib.suppress(Exception):  # a head start: the fsync reports for itself
@@ -956,7 +988,9 @@ class FileSystem:
     WARM_AFTER_FLUSH = 1 << 20
 
     async def _flush_batch(self, ino: int, fd: FileData, batch: list[int]) -> None:
-        snap, origins = fd.take_dirty(batch)
+        while any(b in fd.unloaded for b in batch):
+            await self._load_bases(fd, batch)
+        snap, origins = fd.take_dirty(batch)  # no await since the test above
         # The size these blocks make: writes that land while we encode are not in
         # the snapshot, and committing their size now would expose zeros after a crash.
         # Neither may a size reaching past a block still dirty (a later batch's) that
