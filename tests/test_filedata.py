@@ -22,22 +22,24 @@ from vaultsync.filedata import FileData
 BS = 16
 
 Op = tuple[str, int, int, bytes]
+BLOCKS = 4  # few: the same block is written, flushed, rewritten and cut often
+_block = st.integers(0, BLOCKS - 1)
 ops = st.lists(
     st.one_of(
+        st.tuples(st.just("whole"), _block, st.just(0), st.binary(min_size=BS, max_size=BS)),
         st.tuples(
-            st.just("whole"), st.integers(0, 5), st.just(0), st.binary(min_size=BS, max_size=BS)
-        ),
-        st.tuples(
-            st.sampled_from(["patch", "upatch"]),
-            st.integers(0, 5),
+            st.sampled_from(["patch", "upatch", "upatch"]),
+            _block,
             st.integers(0, BS - 1),
             st.binary(min_size=1, max_size=BS),
         ),
-        st.tuples(st.just("load"), st.integers(0, 5), st.just(0), st.just(b"")),
+        st.tuples(st.just("load"), _block, st.just(0), st.just(b"")),
         st.tuples(st.just("flush"), st.just(0), st.just(0), st.just(b"")),
-        st.tuples(st.just("truncate"), st.integers(0, 6 * BS), st.just(0), st.just(b"")),
+        st.tuples(st.just("flush"), st.just(0), st.just(0), st.just(b"")),  # twice as likely
+        st.tuples(st.just("truncate"), st.integers(0, (BLOCKS + 1) * BS), st.just(0), st.just(b"")),
     ),
-    max_size=40,
+    min_size=12,  # long enough for write, flush, rewrite, cut, read in one example
+    max_size=60,
 )
 
 
