@@ -950,7 +950,10 @@ class FileSystem:
             with contextlib.suppress(OSError):
                 await self.flush_some()
         elif len(fd.blocks) * bs >= self.flush_bytes:
-            if not fd.inflight:
+            lock = self._locks.get(ino)
+            if not fd.inflight and not (lock is not None and lock.locked()):
+                # None running (it may be reading bases before it takes the blocks): one
+                # flush of them all, not a task per write each taking a few.
                 self._in_background(self.flush(ino))
             elif len(fd.blocks) * bs >= 2 * self.flush_bytes:
                 await self.flush(ino)  # the writer outruns the encoder: make it wait
