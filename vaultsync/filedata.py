@@ -118,9 +118,8 @@ class FileData:
         """Put the stored chunk's bytes under what was written over an unloaded block."""
         u = self.unloaded.pop(blockno)
         written = self.blocks[blockno]
-        base = chunk[: u.keep]
-        merged = bytearray(written)
-        merged[: len(base)] = base
+        merged = bytearray(memoryview(chunk)[: u.keep])  # keep <= len(written), always
+        merged += memoryview(written)[len(merged) :]
         for off, n in u.ranges:
             merged[off : off + n] = written[off : off + n]
         self.blocks[blockno] = merged
