@@ -316,19 +316,7 @@ class Catalog:
             if isinstance(op, SetInode):
                 if len(cache) >= self.INODE_CACHE:
                     cache.clear()  # bounded; the hot set comes back at once
-                cache[op.ino] = Inode(
-                    op.ino,
-                    op.mode,
-                    op.uid,
-                    op.gid,
-                    op.size,
-                    op.nlink,
-                    op.rdev,
-                    op.atime_ns,
-                    op.mtime_ns,
-                    op.ctime_ns,
-                    op.target,
-                )
+                cache[op.ino] = Inode(*op.row())
             elif isinstance(op, DropInode):
                 cache.pop(op.ino, None)
 
@@ -339,19 +327,7 @@ class Catalog:
                 x(
                     "INSERT OR REPLACE INTO inodes(ino, mode, uid, gid, size, nlink, rdev, "
                     "atime_ns, mtime_ns, ctime_ns, target) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        op.ino,
-                        op.mode,
-                        op.uid,
-                        op.gid,
-                        op.size,
-                        op.nlink,
-                        op.rdev,
-                        op.atime_ns,
-                        op.mtime_ns,
-                        op.ctime_ns,
-                        op.target,
-                    ),
+                    op.row(),
                 )
             case DropInode():
                 self.blocks_gen += 1

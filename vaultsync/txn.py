@@ -79,6 +79,23 @@ class SetInode(Op):
     ctime_ns: int = 0
     target: bytes | None = None  # symlink target
 
+    def row(self) -> tuple[int, int, int, int, int, int, int, int, int, int, bytes | None]:
+        """The attributes in the catalog's column order (that of catalog.Inode): one
+        tuple serves the INSERT and the inode cache alike."""
+        return (
+            self.ino,
+            self.mode,
+            self.uid,
+            self.gid,
+            self.size,
+            self.nlink,
+            self.rdev,
+            self.atime_ns,
+            self.mtime_ns,
+            self.ctime_ns,
+            self.target,
+        )
+
 
 @dataclass(frozen=True)
 class DropInode(Op):
