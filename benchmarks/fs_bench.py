@@ -45,12 +45,9 @@ import math
 import os
 import random
 import secrets
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -62,7 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
-from benchmarks.harness import loadavg, raise_interrupt  # noqa: E402
+from benchmarks.harness import RunFrame, print_grid  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 from vaultsync.providers import LocalProvider, start_seaweedfs  # noqa: E402
 
@@ -463,18 +460,7 @@ def print_table(rows: list[Row]) -> None:
         ]
         for r in rows
     ]
-    widths = [max(len(x[c]) for x in [head, *body]) for c in range(len(head))]
-    line = "  ".join("-" * w for w in widths)
-    print(line)
-    for k, cells in enumerate([head, *body]):
-        cols = (
-            c.ljust(w) if i in (0, 4, 5) else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-        print("  ".join(cols).rstrip())
-        if k == 0:
-            print(line)
-    print(line)
+    print_grid(head, body, {0, 4, 5})
     for r in rows:
         if r.error:
             print(f"  {r.name}: {r.error}")
@@ -602,36 +588,26 @@ def main() -> int:
     if args.size_mib < 4 or args.files < 1 or args.iterations < 2:
         ap.error("need --size-mib >= 4, --files >= 1 and --iterations >= 2")
 
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    base = Path(tempfile.mkdtemp(prefix="vs-fsbench-", dir=args.dir))
+    frame = RunFrame.start("vs-fsbench-", args.dir)
     rss = PeakRss()
-    vs = VaultsyncSide(base, rss)
+    vs = VaultsyncSide(frame.base, rss)
     rows: list[Row] = []
-    t0 = time.perf_counter()
-    load0 = loadavg()
-    try:
-        print(f"working under {base}; load average {load0}", flush=True)
+
+    def work() -> None:
         vs.setup()
         print(vs.events[-1], flush=True)
-        rows = run(args, base, rss, vs)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        rows.extend(run(args, frame.base, rss, vs))
+
+    def teardown() -> None:
         try:
             vs.teardown()
         finally:
             rss.stop()
-            shutil.rmtree(base, ignore_errors=True)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    print()
-    print(
-        f"fs_bench: --size-mib {args.size_mib} --files {args.files} "
-        f"--iterations {args.iterations}; {time.perf_counter() - t0:.0f}s in all; "
-        f"load average {load0} at start, {loadavg()} at end ({os.cpu_count()} CPUs)"
+
+    if not frame.guard(work, teardown):
+        return 130
+    frame.summary(
+        f"fs_bench: --size-mib {args.size_mib} --files {args.files} --iterations {args.iterations}"
     )
     print_table(rows)
     for e in vs.events:

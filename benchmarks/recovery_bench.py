@@ -46,11 +46,9 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -63,7 +61,7 @@ if str(REPO) not in sys.path:
 
 from vaultsync.fuse.mount import lazy_unmount, mounted_at  # noqa: E402
 
-from benchmarks.harness import Row, loadavg, print_table, raise_interrupt, write_all  # noqa: E402
+from benchmarks.harness import Row, RunFrame, print_table, write_all  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 from vaultsync.config import TargetConfig  # noqa: E402
 from vaultsync.providers import LocalProvider, start_seaweedfs  # noqa: E402
@@ -586,13 +584,10 @@ def main() -> int:
     if args.restore_mib < 1 or args.restore_file_mib < 1:
         ap.error("--restore-mib and --restore-file-mib must be >= 1")
 
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    base = Path(tempfile.mkdtemp(prefix="vs-recbench-", dir=args.dir))
-    bench = Bench(args, base)
-    t0 = time.perf_counter()
-    load0 = loadavg()
-    try:
-        print(f"working under {base}; load average {load0}", flush=True)
+    frame = RunFrame.start("vs-recbench-", args.dir)
+    bench = Bench(args, frame.base)
+
+    def work() -> None:
         bench.attempt("starting SeaweedFS", bench.start_provider)
         if bench.provider is not None:
             for n in args.files:
@@ -600,27 +595,12 @@ def main() -> int:
             if not args.no_restore:
                 bench.attempt("restore throughput", bench.restore)
             bench.attempt("process start floor", bench.startup_floor)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
+
+    if not frame.guard(work, bench.teardown, keep=args.keep):
         return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            bench.teardown()
-        finally:
-            if args.keep:
-                print(f"kept {base}", file=sys.stderr)
-            else:
-                shutil.rmtree(base, ignore_errors=True)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    print()
-    print(
+    frame.summary(
         f"recovery_bench: --files {','.join(str(n) for n in args.files)} "
-        f"--restore-mib {args.restore_mib} --restore-file-mib {args.restore_file_mib}; "
-        f"{time.perf_counter() - t0:.0f}s in all; load average {load0} at start, "
-        f"{loadavg()} at end ({os.cpu_count()} CPUs)"
+        f"--restore-mib {args.restore_mib} --restore-file-mib {args.restore_file_mib}"
     )
     print_table(bench.rows)
     for n in bench.notes:

@@ -44,10 +44,7 @@ import json
 import math
 import os
 import secrets
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -60,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
-from benchmarks.harness import Row, loadavg, print_table, raise_interrupt, write_all  # noqa: E402
+from benchmarks.harness import Row, RunFrame, print_table, write_all  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 from vaultsync.config import TargetConfig  # noqa: E402
 from vaultsync.objectstore import ObjectStore  # noqa: E402
@@ -602,13 +599,10 @@ def main() -> int:
     if args.iterations < 2 or args.lag_seconds <= 0 or args.rate_mb <= 0:
         ap.error("need --iterations >= 2, --lag-seconds > 0 and --rate-mb > 0")
 
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    base = Path(tempfile.mkdtemp(prefix="vs-replbench-", dir=args.dir))
-    bench = Bench(args, base)
-    t0 = time.perf_counter()
-    load0 = loadavg()
-    try:
-        print(f"working under {base}; load average {load0}", flush=True)
+    frame = RunFrame.start("vs-replbench-", args.dir)
+    bench = Bench(args, frame.base)
+
+    def work() -> None:
         bench.attempt("starting SeaweedFS", bench.start_provider)
         if bench.provider is not None:
             bench.attempt("bare PUT floor", bench.floor)
@@ -616,27 +610,12 @@ def main() -> int:
             bench.attempt("async target latency", lambda: bench.mount_latency("async"))
             bench.attempt("sync target latency", lambda: bench.mount_latency("sync"))
             bench.attempt("async lag under steady writes", bench.lag)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
+
+    if not frame.guard(work, bench.teardown, keep=args.keep):
         return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            bench.teardown()
-        finally:
-            if args.keep:
-                print(f"kept {base}", file=sys.stderr)
-            else:
-                shutil.rmtree(base, ignore_errors=True)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    print()
-    print(
+    frame.summary(
         f"replication_bench: --iterations {args.iterations} (+{WARMUP} warm-up) "
-        f"--lag-seconds {args.lag_seconds:g} --rate-mb {args.rate_mb:g}; "
-        f"{time.perf_counter() - t0:.0f}s in all; load average {load0} at start, "
-        f"{loadavg()} at end ({os.cpu_count()} CPUs)"
+        f"--lag-seconds {args.lag_seconds:g} --rate-mb {args.rate_mb:g}"
     )
     print_table(bench.rows)
     for n in bench.notes:
