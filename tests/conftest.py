@@ -87,12 +87,25 @@ def target_for(
     )
 
 
-def target_block(name: str, p: LocalProvider, bucket: str, mode: str = "async") -> str:
-    """A [[targets]] table for a volume's TOML: `bucket` on `p`, prefix "v"."""
+def target_block(
+    name: str,
+    p: LocalProvider,
+    bucket: str,
+    mode: str = "async",
+    *,
+    endpoint: str | None = None,
+    prefix: str = "v",
+    **options: str,
+) -> str:
+    """A [[targets]] table for a volume's TOML: `bucket` on `p` (reached at `endpoint`
+    when given: a fault proxy in front of it), keys in a credentials file; `options`
+    are further string keys (on_failure = "block")."""
     cred = _credentials_file(p.access_key, p.secret_key)
+    extra = "".join(f'{k} = "{v}"\n' for k, v in options.items())
     return (
-        f'\n[[targets]]\nname = "{name}"\nendpoint = "{p.endpoint}"\nbucket = "{bucket}"\n'
-        f'prefix = "v"\nmode = "{mode}"\ncredentials = {{ file = "{cred}" }}\n'
+        f'\n[[targets]]\nname = "{name}"\nendpoint = "{endpoint or p.endpoint}"\n'
+        f'bucket = "{bucket}"\nprefix = "{prefix}"\nmode = "{mode}"\n{extra}'
+        f'credentials = {{ file = "{cred}" }}\n'
     )
 
 

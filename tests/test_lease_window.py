@@ -28,7 +28,7 @@ import pytest
 from vaultsync.replication.replicator import Replicator
 from vaultsync.replication.shipper import Shipper
 
-from tests.conftest import _credentials_file, target_for
+from tests.conftest import target_block, target_for
 from tests.faultproxy import FaultProxy
 from tests.mounting import Mount, cli
 from vaultsync.config import Config
@@ -346,14 +346,9 @@ def test_promotion_loses_no_fsync_the_old_writer_acknowledged(
     monkeypatch.setenv(TEST_WINDOW_ENV, str(WINDOW))  # A's daemon and B's promote alike
     bucket = f"lw-{uuid.uuid4().hex[:12]}"
     seaweedfs.create_bucket(bucket)
-    cred = _credentials_file(seaweedfs.access_key, seaweedfs.secret_key)
 
     def targets(endpoint: str) -> str:
-        return (
-            f'\n[[targets]]\nname = "sw"\nendpoint = "{endpoint}"\nbucket = "{bucket}"\n'
-            f'prefix = "v"\nmode = "sync"\non_failure = "block"\n'
-            f'credentials = {{ file = "{cred}" }}\n'
-        )
+        return target_block("sw", seaweedfs, bucket, "sync", endpoint=endpoint, on_failure="block")
 
     # probe_interval 60: A's health probe would not notice B's lease during the test;
     # only the lease checks this design adds (every WINDOW/3) do.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from vaultsync.fuse.mount import lazy_unmount, mounted_at
 
-from tests.conftest import _credentials_file
+from tests.conftest import target_block
 from tests.mounting import Mount
 from vaultsync.providers import LocalProvider
 
@@ -44,14 +44,7 @@ def _keys(p: LocalProvider, bucket: str) -> list[str]:
 
 
 def _targets_toml(sw: LocalProvider, rc: LocalProvider, bucket: str) -> str:
-    toml = ""
-    for name, p, mode in (("sw", sw, "sync"), ("rc", rc, "async")):
-        cred = _credentials_file(p.access_key, p.secret_key)
-        toml += (
-            f'\n[[targets]]\nname = "{name}"\nendpoint = "{p.endpoint}"\nbucket = "{bucket}"\n'
-            f'prefix = "v"\nmode = "{mode}"\ncredentials = {{ file = "{cred}" }}\n'
-        )
-    return toml
+    return target_block("sw", sw, bucket, "sync") + target_block("rc", rc, bucket, "async")
 
 
 class PointMount:

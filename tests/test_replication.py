@@ -28,7 +28,7 @@ import pytest
 from minio import Minio
 from minio.error import S3Error
 
-from tests.conftest import _credentials_file
+from tests.conftest import target_block
 from tests.faultproxy import FaultProxy
 from tests.mounting import Mount
 from vaultsync.chunks import Codec
@@ -311,23 +311,6 @@ def _fresh_bucket(p: LocalProvider) -> str:
     return name
 
 
-def _target_toml(
-    name: str,
-    p: LocalProvider,
-    bucket: str,
-    *,
-    mode: str,
-    endpoint: str | None = None,
-    on_failure: str = "degrade",
-) -> str:
-    creds = _credentials_file(p.access_key, p.secret_key)
-    return (
-        f'\n[[targets]]\nname = "{name}"\nendpoint = "{endpoint or p.endpoint}"\n'
-        f'bucket = "{bucket}"\nprefix = "v"\nmode = "{mode}"\non_failure = "{on_failure}"\n'
-        f'credentials = {{ file = "{creds}" }}\n'
-    )
-
-
 def _replication_toml(**kw: float) -> str:
     return "\n[replication]\n" + "".join(f"{k} = {v}\n" for k, v in kw.items())
 
@@ -572,8 +555,8 @@ def test_sync_and_async_targets_hold_a_consistent_prefix(
     sw_bucket, rc_bucket = _fresh_bucket(seaweedfs), _fresh_bucket(rclone)
     toml = (
         _replication_toml(probe_interval=0.5)
-        + _target_toml("sw", seaweedfs, sw_bucket, mode="sync")
-        + _target_toml("rc", rclone, rc_bucket, mode="async")
+        + target_block("sw", seaweedfs, sw_bucket, "sync")
+        + target_block("rc", rclone, rc_bucket, "async")
     )
     m = _mount(mounts, tmp_path / "vol", toml)
     vid = _volume_id(m)
@@ -639,8 +622,8 @@ def _proxied_sync_volume(
     px = FaultProxy.for_url(provider.endpoint)
     proxies.append(px)
     bucket = _fresh_bucket(provider)
-    toml = _replication_toml(probe_interval=0.5, **replication) + _target_toml(
-        "t", provider, bucket, mode=mode, endpoint=px.endpoint, on_failure=on_failure
+    toml = _replication_toml(probe_interval=0.5, **replication) + target_block(
+        "t", provider, bucket, mode, endpoint=px.endpoint, on_failure=on_failure
     )
     m = Mount.create(tmp_path / "vol", volume_toml + toml)
     mounts.append(m)
@@ -966,9 +949,7 @@ def test_sync_on_close_makes_close_wait_for_the_sync_target(
     tmp_path: Path, seaweedfs: LocalProvider, mounts: list[Mount]
 ) -> None:
     bucket = _fresh_bucket(seaweedfs)
-    toml = "\n[replication]\nsync_on_close = true\n" + _target_toml(
-        "t", seaweedfs, bucket, mode="sync"
-    )
+    toml = "\n[replication]\nsync_on_close = true\n" + target_block("t", seaweedfs, bucket, "sync")
     m = Mount.create(tmp_path / "vol", "segment_max_age = 600\n" + toml)
     mounts.append(m)
     m.start()

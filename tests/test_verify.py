@@ -13,7 +13,7 @@ from typing import Any
 
 from minio import Minio
 
-from tests.conftest import _credentials_file
+from tests.conftest import target_block
 from tests.mounting import Mount
 from vaultsync.providers import LocalProvider
 
@@ -32,12 +32,7 @@ def _two_target_volume(root: Path, sw: LocalProvider, rc: LocalProvider) -> tupl
     sw.create_bucket(bucket)
     rc.create_bucket(bucket)
     toml = 'segment_size = "1MiB"\n'
-    for name, p, mode in (("sw", sw, "sync"), ("rc", rc, "async")):
-        cred = _credentials_file(p.access_key, p.secret_key)
-        toml += (
-            f'\n[[targets]]\nname = "{name}"\nendpoint = "{p.endpoint}"\nbucket = "{bucket}"\n'
-            f'prefix = "v"\nmode = "{mode}"\ncredentials = {{ file = "{cred}" }}\n'
-        )
+    toml += target_block("sw", sw, bucket, "sync") + target_block("rc", rc, bucket, "async")
     return Mount.create(root, toml), bucket
 
 
