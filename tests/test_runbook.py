@@ -28,10 +28,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from vaultsync.fuse.mount import lazy_unmount, mounted_at, read_pid
 
 from tests.conftest import _credentials_file
 from tests.mounting import Mount
+from vaultsync.lease import TEST_WINDOW_ENV
 from vaultsync.providers import LocalProvider
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,8 +130,12 @@ def _release(mountpoint: Path, state_dir: Path, env: dict[str, str]) -> None:
 
 
 def test_runbook_recovers_site_b_and_fails_back(
-    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider
+    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A 1 s lease window for A's daemon and both promotions alike (the environment
+    # reaches every command): each promotion waits 2 s instead of the real 20 s, which
+    # made this the slowest test of the suite (41 s). The commands are unchanged.
+    monkeypatch.setenv(TEST_WINDOW_ENV, "1.0")
     blocks = [b for b in runbook_blocks(RUNBOOK.read_text()) if b.lang == "sh" and b.site]
     bucket = f"rb-{uuid.uuid4().hex[:12]}"
     seaweedfs.create_bucket(bucket)
