@@ -8,15 +8,22 @@ read alike in notes.
 
 from __future__ import annotations
 
+import argparse
 import os
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.mounting import Mount
+from vaultsync.config import TargetConfig
+from vaultsync.providers import LocalProvider, start_seaweedfs
 
 
 def loadavg() -> str:
@@ -120,3 +127,84 @@ class RunFrame:
             f"{settings}; {time.perf_counter() - self.t0:.0f}s in all; load average "
             f"{self.load0} at start, {loadavg()} at end ({os.cpu_count()} CPUs)"
         )
+
+
+class SeaweedBench:
+    """A benchmark's phases against one SeaweedFS on loopback: the server, a fresh bucket
+    per target, the mounts to clean up, the result rows and the notes under them.
+
+    Each phase runs through `attempt`: one that fails is an ERROR row, and the others
+    still run."""
+
+    TARGET_NAME = "sw"
+
+    def __init__(self, args: argparse.Namespace, base: Path) -> None:
+        self.args = args
+        self.base = base
+        self.provider: LocalProvider | None = None
+        self.creds: Path | None = None
+        self.mounts: list[Mount] = []
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+
+    def start_provider(self) -> None:
+        ak, sk = "VS" + secrets.token_hex(8).upper(), secrets.token_urlsafe(24)
+        t0 = time.perf_counter()
+        self.provider = start_seaweedfs(self.base / "seaweedfs", access_key=ak, secret_key=sk)
+        self.creds = self.base / "sw.creds"
+        fd = os.open(self.creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"access_key_id = {ak}\nsecret_access_key = {sk}\n")
+        self.notes.append(
+            f"SeaweedFS pid {self.provider.pid} at {self.provider.endpoint}, "
+            f"ready in {time.perf_counter() - t0:.1f}s"
+        )
+
+    def target(self, mode: str, bucket_prefix: str) -> TargetConfig:
+        """A target in a bucket of its own, so that runs never see each other's objects."""
+        assert self.provider is not None and self.creds is not None
+        bucket = bucket_prefix + secrets.token_hex(6)
+        self.provider.create_bucket(bucket)
+        return TargetConfig.model_validate(
+            {
+                "name": self.TARGET_NAME,
+                "endpoint": self.provider.endpoint,
+                "bucket": bucket,
+                "prefix": "vol/",
+                "mode": mode,
+                "credentials": {"file": str(self.creds)},
+            }
+        )
+
+    @staticmethod
+    def targets_toml(t: TargetConfig) -> str:
+        assert t.credentials.file is not None
+        return (
+            f'\n[[targets]]\nname = "{t.name}"\nendpoint = "{t.endpoint}"\n'
+            f'bucket = "{t.bucket}"\nprefix = "{t.prefix}"\nmode = "{t.mode}"\n'
+            f'credentials = {{ file = "{t.credentials.file}" }}\n'
+        )
+
+    def teardown(self) -> None:
+        for m in self.mounts:
+            try:
+                m.cleanup()  # umount if still up; kill -9 + lazy unmount if that fails
+            except Exception as e:
+                print(f"cleanup of {m.mountpoint} failed: {e}", file=sys.stderr)
+        if self.provider is not None:
+            self.provider.stop(grace=10)
+
+    def attempt(self, what: str, fn: Callable[[], None]) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {what} ...", flush=True)
+        try:
+            fn()
+        except Exception as e:
+            traceback.print_exc()
+            self.rows.append(Row(what, "ERROR", f"{type(e).__name__}: {e}"[:80]))
+
+    def report(self) -> int:
+        """The table and the notes; exit status 1 if a target was missed or a phase failed."""
+        print_table(self.rows)
+        for n in self.notes:
+            print(f"  {n}")
+        return 1 if any(r.verdict in ("FAIL", "ERROR") for r in self.rows) else 0

@@ -45,13 +45,10 @@ import itertools
 import os
 import random
 import re
-import secrets
 import signal
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +58,9 @@ if str(REPO) not in sys.path:
 
 from vaultsync.fuse.mount import lazy_unmount, mounted_at  # noqa: E402
 
-from benchmarks.harness import Row, RunFrame, print_table, write_all  # noqa: E402
+from benchmarks.harness import Row, RunFrame, SeaweedBench, write_all  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 from vaultsync.config import TargetConfig  # noqa: E402
-from vaultsync.providers import LocalProvider, start_seaweedfs  # noqa: E402
 
 MIB = 1 << 20
 TARGET_NAME = "sw"
@@ -156,53 +152,15 @@ class Recovery:
 
 
 # -- the run -------------------------------------------------------------------------------
-class Bench:
+class Bench(SeaweedBench):
+    TARGET_NAME = TARGET_NAME
+
     def __init__(self, args: argparse.Namespace, base: Path) -> None:
-        self.args = args
-        self.base = base
-        self.provider: LocalProvider | None = None
-        self.creds: Path | None = None
-        self.mounts: list[Mount] = []
+        super().__init__(args, base)
         self.procs: list[tuple[subprocess.Popen[bytes], Path | None]] = []  # (proc, mountpoint)
-        self.rows: list[Row] = []
-        self.notes: list[str] = []
 
-    # setup and teardown
-    def start_provider(self) -> None:
-        ak, sk = "VS" + secrets.token_hex(8).upper(), secrets.token_urlsafe(24)
-        t0 = time.perf_counter()
-        self.provider = start_seaweedfs(self.base / "seaweedfs", access_key=ak, secret_key=sk)
-        self.creds = self.base / "sw.creds"
-        fd = os.open(self.creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"access_key_id = {ak}\nsecret_access_key = {sk}\n")
-        self.notes.append(
-            f"SeaweedFS pid {self.provider.pid} at {self.provider.endpoint}, "
-            f"ready in {time.perf_counter() - t0:.1f}s"
-        )
-
-    def target(self) -> TargetConfig:
-        assert self.provider is not None and self.creds is not None
-        bucket = "rc-" + secrets.token_hex(6)
-        self.provider.create_bucket(bucket)
-        return TargetConfig.model_validate(
-            {
-                "name": TARGET_NAME,
-                "endpoint": self.provider.endpoint,
-                "bucket": bucket,
-                "prefix": "vol/",
-                "mode": "async",
-                "credentials": {"file": str(self.creds)},
-            }
-        )
-
-    @staticmethod
-    def targets_toml(t: TargetConfig) -> str:
-        return (
-            f'\n[[targets]]\nname = "{t.name}"\nendpoint = "{t.endpoint}"\n'
-            f'bucket = "{t.bucket}"\nprefix = "{t.prefix}"\nmode = "{t.mode}"\n'
-            f'credentials = {{ file = "{t.credentials.file}" }}\n'
-        )
+    def target(self, mode: str = "async", bucket_prefix: str = "rc-") -> TargetConfig:
+        return super().target(mode, bucket_prefix)
 
     def site_b_config(self, name: str, t: TargetConfig) -> Path:
         """Site B: a config with only the target; its state_dir is never created."""
@@ -278,21 +236,7 @@ class Bench:
                 self.stop_proc(p, mp)
             except Exception as e:
                 print(f"cleanup of pid {p.pid} failed: {e}", file=sys.stderr)
-        for m in self.mounts:
-            try:
-                m.cleanup()  # umount if still up; kill -9 + lazy unmount if that fails
-            except Exception as e:
-                print(f"cleanup of {m.mountpoint} failed: {e}", file=sys.stderr)
-        if self.provider is not None:
-            self.provider.stop(grace=10)
-
-    def attempt(self, what: str, fn: Callable[[], None]) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {what} ...", flush=True)
-        try:
-            fn()
-        except Exception as e:
-            traceback.print_exc()
-            self.rows.append(Row(what, "ERROR", f"{type(e).__name__}: {e}"[:80]))
+        super().teardown()
 
     # phase 1: recovery time
     def populate(self, m: Mount, files: SmallFiles) -> tuple[float, float]:
@@ -602,11 +546,7 @@ def main() -> int:
         f"recovery_bench: --files {','.join(str(n) for n in args.files)} "
         f"--restore-mib {args.restore_mib} --restore-file-mib {args.restore_file_mib}"
     )
-    print_table(bench.rows)
-    for n in bench.notes:
-        print(f"  {n}")
-    bad = [r for r in bench.rows if r.verdict in ("FAIL", "ERROR")]
-    return 1 if bad else 0
+    return bench.report()
 
 
 if __name__ == "__main__":

@@ -43,11 +43,9 @@ import contextlib
 import json
 import math
 import os
-import secrets
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +55,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
-from benchmarks.harness import Row, RunFrame, print_table, write_all  # noqa: E402
+from benchmarks.harness import Row, RunFrame, SeaweedBench, write_all  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 from vaultsync.config import TargetConfig  # noqa: E402
 from vaultsync.objectstore import ObjectStore  # noqa: E402
-from vaultsync.providers import LocalProvider, start_seaweedfs  # noqa: E402
 
 MIB = 1 << 20
 SMALL = 4096
@@ -352,54 +349,19 @@ def ms(x: float) -> str:
 
 
 # -- the run -------------------------------------------------------------------------------
-class Bench:
+class Bench(SeaweedBench):
+    TARGET_NAME = TARGET_NAME
+
     def __init__(self, args: argparse.Namespace, base: Path) -> None:
-        self.args = args
-        self.base = base
-        self.provider: LocalProvider | None = None
-        self.creds: Path | None = None
-        self.mounts: list[Mount] = []
-        self.rows: list[Row] = []
-        self.notes: list[str] = []
+        super().__init__(args, base)
         self.put_p50: float | None = None
 
-    # setup and teardown
-    def start_provider(self) -> None:
-        ak, sk = "VS" + secrets.token_hex(8).upper(), secrets.token_urlsafe(24)
-        t0 = time.perf_counter()
-        self.provider = start_seaweedfs(self.base / "seaweedfs", access_key=ak, secret_key=sk)
-        self.creds = self.base / "sw.creds"
-        fd = os.open(self.creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"access_key_id = {ak}\nsecret_access_key = {sk}\n")
-        self.notes.append(
-            f"SeaweedFS pid {self.provider.pid} at {self.provider.endpoint}, "
-            f"ready in {time.perf_counter() - t0:.1f}s"
-        )
+    def target(self, mode: str, bucket_prefix: str = "rb-") -> TargetConfig:
+        return super().target(mode, bucket_prefix)
 
-    def target(self, mode: str) -> TargetConfig:
-        assert self.provider is not None and self.creds is not None
-        bucket = "rb-" + secrets.token_hex(6)
-        self.provider.create_bucket(bucket)
-        return TargetConfig.model_validate(
-            {
-                "name": TARGET_NAME,
-                "endpoint": self.provider.endpoint,
-                "bucket": bucket,
-                "prefix": "vol/",
-                "mode": mode,
-                "credentials": {"file": str(self.creds)},
-            }
-        )
-
-    @staticmethod
-    def toml(t: TargetConfig, volume_extra: str = "") -> str:
-        return (
-            f"{volume_extra}[[targets]]\n"
-            f'name = "{t.name}"\nendpoint = "{t.endpoint}"\nbucket = "{t.bucket}"\n'
-            f'prefix = "{t.prefix}"\nmode = "{t.mode}"\n'
-            f'credentials = {{ file = "{t.credentials.file}" }}\n'
-        )
+    @classmethod
+    def toml(cls, t: TargetConfig, volume_extra: str = "") -> str:
+        return volume_extra + cls.targets_toml(t)
 
     def mounted(
         self, name: str, toml: str, body: Callable[[Mount], Any]
@@ -416,23 +378,6 @@ class Bench:
         if st is None:
             raise RuntimeError(f"{m.state_dir}/replication.json missing after umount")
         return result, st, journal_bytes(m.state_dir), took
-
-    def teardown(self) -> None:
-        for m in self.mounts:
-            try:
-                m.cleanup()  # umount if still up; kill -9 + lazy unmount if that fails
-            except Exception as e:
-                print(f"cleanup of {m.mountpoint} failed: {e}", file=sys.stderr)
-        if self.provider is not None:
-            self.provider.stop(grace=10)
-
-    def attempt(self, what: str, fn: Callable[[], None]) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {what} ...", flush=True)
-        try:
-            fn()
-        except Exception as e:
-            traceback.print_exc()
-            self.rows.append(Row(what, "ERROR", f"{type(e).__name__}: {e}"[:80]))
 
     # phases
     def floor(self) -> None:
@@ -617,11 +562,7 @@ def main() -> int:
         f"replication_bench: --iterations {args.iterations} (+{WARMUP} warm-up) "
         f"--lag-seconds {args.lag_seconds:g} --rate-mb {args.rate_mb:g}"
     )
-    print_table(bench.rows)
-    for n in bench.notes:
-        print(f"  {n}")
-    bad = [r for r in bench.rows if r.verdict in ("FAIL", "ERROR")]
-    return 1 if bad else 0
+    return bench.report()
 
 
 if __name__ == "__main__":
