@@ -24,6 +24,8 @@ mount's background shipping never disturbs the local reference):
   the same pause; no target, a guard against listings that grow worse than
   linearly with the directory;
 - rename of each file, then unlink of each (ops/s, renames + unlinks);
+- an untar: --files files of mixed sizes (9 KiB on average) created, written
+  and closed without fsync, in directories of 100 (files/s; no target);
 - 4 KiB pwrite + fsync at random aligned offsets of a 16 MiB file,
   --iterations times: p50 and p99 latency (ms);
 - peak resident memory of the mount daemon(s) over the whole run (VmHWM from
@@ -45,6 +47,7 @@ import math
 import os
 import random
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,7 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
-from benchmarks.harness import RunFrame, print_grid  # noqa: E402
+from benchmarks.harness import RunFrame, print_grid, write_all  # noqa: E402
 from tests.mounting import Mount  # noqa: E402
 from vaultsync.providers import LocalProvider, start_seaweedfs  # noqa: E402
 
@@ -198,6 +201,29 @@ def create_small(d: Path, n: int) -> float:
         return n / (time.perf_counter() - t0)
     finally:
         os.close(dfd)
+
+
+def extract_tree(d: Path, n: int) -> float:
+    """files/s of an untar: create + write + close, no fsync, of n files of mixed sizes
+    (mostly a few KiB, a few up to 1 MiB, 9 KiB on average) in directories of 100."""
+    rng = random.Random(n)
+    blob = os.urandom(2 << 20)
+    sizes = [min(int(rng.lognormvariate(8, 1.5)), 1 << 20) for _ in range(n)]
+    starts = [rng.randrange(0, (1 << 20) - 8) for _ in range(n)]
+    d.mkdir()
+    t0 = time.perf_counter()
+    for i, (size, at) in enumerate(zip(sizes, starts, strict=True)):
+        sub = d / f"d{i // 100:03d}"
+        if i % 100 == 0:
+            sub.mkdir()
+        fd = os.open(sub / f"f{i}.c", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            write_all(fd, memoryview(blob)[at : at + size])
+        finally:
+            os.close(fd)
+    rate = n / (time.perf_counter() - t0)
+    shutil.rmtree(d)
+    return rate
 
 
 def stat_small(d: Path, n: int) -> float:
@@ -501,6 +527,7 @@ def run(args: argparse.Namespace, base: Path, rss: PeakRss, vs: VaultsyncSide) -
             ">= 3000/s",
             ok=lambda lo, v: v is not None and v >= 3000,
         ),
+        "extract": Row(f"untar: create+write+close x{n}, no fsync", "files/s", "-"),
         "p50": Row(
             f"4K pwrite+fsync p50 x{iters}",
             "ms",
@@ -547,6 +574,7 @@ def run(args: argparse.Namespace, base: Path, rss: PeakRss, vs: VaultsyncSide) -
         attempt("stat", side, lambda: stat_small(small, n))
         attempt("list", side, lambda: list_small(small, n))
         attempt("rename", side, lambda: rename_delete(small, n))
+        attempt("extract", side, lambda: extract_tree(root / "tree", n))
         lat: dict[str, float] = {}
 
         def latency() -> float:

@@ -177,6 +177,9 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         flags: int,
         ctx: Any,
     ) -> None:
+        # A file written, closed and renamed into place must not be renamed before
+        # its content is committed: after a crash the new name would show old data.
+        await self.fs.commit_closed()
         self.fs.rename(
             parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx.uid, ctx.gid
         )
@@ -265,6 +268,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         if fh == pyfuse3.ROOT_INODE:
             await self.fs.flush_all()  # `vaultsync umount` uses this to drain the buffers
         else:
+            await self.fs.commit_closed()  # what was closed before is in the directory's sync
             await self.fs.vol.sync()
 
     # -- the rest --------------------------------------------------------------------------

@@ -1390,6 +1390,33 @@ def test_fsynced_data_and_metadata_survive_kill9(mounted: Mount) -> None:
     assert os.getxattr(d / "durable", "user.k") == b"v"
 
 
+def test_replace_by_rename_never_shows_a_new_name_without_its_content(mounted: Mount) -> None:
+    """A close commits later, with others (FileSystem.release). Files closed and then
+    made durable by an fsync of their directory are there after a kill -9 that follows
+    at once. And a file written, closed and renamed over the real one: the rename takes
+    the content along first, so after the crash the name never holds an empty or
+    partial file."""
+    d = mounted.mountpoint
+    old, new = os.urandom(70_000), os.urandom(150_000)
+    (d / "sub").mkdir()  # not the root, whose fsync drains every buffer (umount's)
+    (d / "first").write_bytes(b"")  # a mount's first close is a FLUSH that commits
+    dfd = os.open(d / "sub", os.O_RDONLY | os.O_DIRECTORY)
+    (d / "sub" / "closed").write_bytes(new)
+    os.fsync(dfd)
+    mounted.kill9()  # within the close's commit delay: only the fsync can have sent it
+    os.close(dfd)
+    mounted.start()
+    assert (d / "sub" / "closed").read_bytes() == new
+    (d / "config").write_bytes(old)
+    os.fsync(fd := os.open(d / "config", os.O_RDONLY))
+    os.close(fd)
+    (d / "config.tmp").write_bytes(new)
+    os.rename(d / "config.tmp", d / "config")
+    mounted.kill9()  # within the close's commit delay: only the rename can have sent it
+    mounted.start()
+    assert (d / "config").read_bytes() == new
+
+
 # -- races the kernel cannot be made to produce on demand: FileSystem in-process ------------
 @pytest.fixture
 async def fs(tmp_path: Path) -> AsyncIterator[FileSystem]:
@@ -1690,3 +1717,96 @@ async def test_a_write_fsync_rhythm_ships_the_next_write_ahead_of_its_fsync(
         await fs.write(ino, 0, bytes([k]) * 100)
     await settle()
     assert fs.files[ino].dirty, "committed ahead with no sync target to ship to"
+
+
+async def _closed_commits_done(fs: FileSystem) -> None:
+    for _ in range(500):
+        if not fs._closed and not fs._closed_task:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the closed files were not committed")
+
+
+async def test_closed_files_are_committed_together_shortly_after(fs: FileSystem) -> None:
+    """An untar: each file written and closed. The closes commit nothing themselves;
+    shortly after, one transaction holds all of them. Until then every file reads (and
+    stats) from its buffer."""
+    want = {await _new_file(fs, b"f%d" % k): os.urandom(1000 + 3000 * k) for k in range(20)}
+    for ino, data in want.items():
+        await fs.write(ino, 0, data)
+    before = fs.vol.last_lsn
+    for ino in want:
+        await fs.release(ino)
+    assert fs.vol.last_lsn == before, "a close committed on its own"
+    for ino, data in want.items():
+        assert fs.getattr(ino).size == len(data)
+        assert await fs.read(ino, 0, len(data)) == data
+    await _closed_commits_done(fs)
+    assert fs.vol.last_lsn == before + 1, "not one transaction for the closed files"
+    assert not fs.files and fs.dirty_bytes == 0
+    for ino, data in want.items():  # now from the catalog and the journal
+        assert fs.cat.inode(ino).size == len(data)  # type: ignore[union-attr]
+        assert await fs.read(ino, 0, len(data)) == data
+
+
+async def test_closed_files_reopened_unlinked_or_failing_before_their_commit(
+    fs: FileSystem,
+) -> None:
+    """What can happen to a closed file before its commit: written again through a new
+    open, unlinked (nothing of it is committed), or its commit fails (the data stays in
+    the buffer and the next flush keeps it)."""
+    a, b, c = [await _new_file(fs, n) for n in (b"a", b"b", b"c")]
+    for ino in (a, b, c):
+        await fs.write(ino, 0, b"first")
+        await fs.release(ino)
+    fs.open(a)
+    await fs.write(a, 5, b"+more")
+    fs.unlink(ROOT_INO, b"b")
+    assert b not in fs.files
+    real = fs.vol.prepare_chunks
+
+    async def broken(blocks: Any, plans: Any = ()) -> Any:
+        raise OSError(errno.ENOSPC, "disk full")
+
+    fs.vol.prepare_chunks = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        await fs.commit_closed()
+    fs.vol.prepare_chunks = real  # type: ignore[method-assign]
+    assert await fs.read(c, 0, 10) == b"first"  # still in its buffer, still dirty
+    await fs.flush(c)
+    await fs.release(a)
+    await _closed_commits_done(fs)
+    assert not fs.files and fs.dirty_bytes == 0
+    assert fs.cat.inode(b) is None
+    assert await fs.read(a, 0, 20) == b"first+more"
+    assert await fs.read(c, 0, 20) == b"first"
+
+
+async def test_commit_closed_returns_only_once_earlier_calls_have_committed(
+    fs: FileSystem,
+) -> None:
+    """A rename calls commit_closed() so that the renamed file's content is committed
+    first. Should the background commit have taken that file already and be waiting
+    for its encoding, the rename's call must wait for it, not find nothing to do."""
+    ino = await _new_file(fs)
+    await fs.write(ino, 0, b"data")
+    await fs.release(ino)
+    gate = asyncio.Event()
+    real = fs.vol.prepare_chunks
+
+    async def slow(blocks: Any, plans: Any = ()) -> Any:
+        await gate.wait()
+        return await real(blocks, plans)
+
+    fs.vol.prepare_chunks = slow  # type: ignore[method-assign]
+    first = asyncio.ensure_future(fs.commit_closed())
+    await asyncio.sleep(0.02)  # it has taken the file and waits for the encoder
+    assert not fs._closed
+    second = asyncio.ensure_future(fs.commit_closed())  # what a rename does first
+    await asyncio.sleep(0.02)
+    assert not second.done(), "returned while the file's commit was still on its way"
+    gate.set()
+    await second
+    assert fs.cat.inode(ino).size == 4  # type: ignore[union-attr]
+    await first
+    await _closed_commits_done(fs)

@@ -48,7 +48,7 @@ from vaultsync.txn import (
     SetXattr,
     TruncateBlocks,
 )
-from vaultsync.volume import ROOT_INO, Volume, catalog_reserve
+from vaultsync.volume import ROOT_INO, PreparedChunk, Volume, catalog_reserve
 
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
@@ -167,6 +167,13 @@ class FileSystem:
         # `flush_after`: steady writers then reach the journal (and targets) promptly.
         self.flush_bytes = flush_bytes
         self._background: set[asyncio.Future[None]] = set()
+        # Closed files whose buffers are still to be committed (insertion-ordered), and
+        # whether a task to commit them is under way (see release).
+        self._closed: dict[int, None] = {}
+        self._closed_task = False
+        # One commit_closed() at a time: one that returns has seen every earlier one's
+        # files committed (a rename relies on it), not merely taken.
+        self._closed_lock = asyncio.Lock()
         self._read_end: dict[int, int] = {}  # ino -> where the last read ended
         # chunk id -> done when the fetch bringing it into the cache ends (_warm)
         self._fetching: dict[bytes, asyncio.Future[None]] = {}
@@ -645,9 +652,84 @@ class FileSystem:
         i = self.cat.inode(ino)
         if i is not None and i.nlink == 0:
             self._drop_if_unused(ino)
-        else:
-            await self.flush(ino)
-            self._drop_if_clean(ino)
+            return
+        fd = self.files.get(ino)
+        if fd is not None and fd.dirty:
+            # Committed shortly, with the other files closed meanwhile: one transaction
+            # and one hand-off to the encoder for a burst of small files (an untar, a
+            # build), and the next request is answered first. Nobody waits for this
+            # commit: a close promises no durability (fsync does), and the data stays
+            # readable from the buffer until then.
+            self._closed[ino] = None
+            if not self._closed_task:
+                self._closed_task = True
+                self._in_background(self._commit_closed_soon())
+            return
+        await self.flush(ino)  # a flush of it in flight: wait for it, then let go
+        self._drop_if_clean(ino)
+
+    # How long the buffers of closed files wait for others to share their transaction.
+    CLOSE_COMMIT_DELAY = 0.01
+
+    async def _commit_closed_soon(self) -> None:
+        # A failure leaves the data dirty in its buffer: the flush timer (flush_old)
+        # retries it like any other, and the next close starts a task again.
+        try:
+            await asyncio.sleep(self.CLOSE_COMMIT_DELAY)
+            await self.commit_closed()
+        finally:
+            # No await between commit_closed() finding nothing left and this: a close
+            # in between would see a task that is about to end and start none.
+            self._closed_task = False
+
+    async def commit_closed(self) -> None:
+        """Commit the buffers of closed files now: those that fit in one transaction
+        together (FLUSH_BATCH bytes), the others each on its own.
+
+        Called before a rename and a directory fsync too, so that a file written,
+        closed and renamed into place is never newer in name than in content.
+        """
+        async with self._closed_lock:
+            await self._commit_closed_now()
+
+    async def _commit_closed_now(self) -> None:
+        bs = self.block_size
+        while self._closed:
+            group: list[tuple[int, FileData, list[int]]] = []
+            alone: list[int] = []
+            room = self.FLUSH_BATCH
+            for ino in list(self._closed):
+                fd = self.files.get(ino)
+                if fd is None or not fd.dirty:
+                    del self._closed[ino]
+                    self._drop_if_clean(ino)
+                    continue
+                need = len(fd.blocks) * bs
+                # A lock that exists is held or awaited (they are weak): that file goes
+                # through flush(), which waits its turn. The others' locks are made here
+                # and free, so taking them below never pauses.
+                if fd.inflight or ino in self._locks or need > self.FLUSH_BATCH:
+                    del self._closed[ino]
+                    alone.append(ino)
+                    continue
+                if need > room:
+                    break  # the next round takes it
+                del self._closed[ino]
+                room -= need
+                group.append((ino, fd, sorted(fd.blocks)))
+            locks = [self._lock(ino) for ino, _, _ in group]
+            for lk in locks:
+                await lk.acquire()  # new and free: returns without a pause
+            try:
+                if group:
+                    await self._flush_batches(group)
+            finally:
+                for lk in locks:
+                    lk.release()
+            for ino, _, _ in group:
+                self._drop_if_clean(ino)
+            for ino in alone:
+                await self.flush(ino)
 
     # -- file contents ------------------------------------------------------------------
     def _lock(self, ino: int) -> asyncio.Lock:
@@ -991,51 +1073,79 @@ class FileSystem:
     WARM_AFTER_FLUSH = 1 << 20
 
     async def _flush_batch(self, ino: int, fd: FileData, batch: list[int]) -> None:
-        while any(b in fd.unloaded for b in batch):
-            await self._load_bases(fd, batch)
-        snap, origins = fd.take_dirty(batch)  # no await since the test above
-        # The size these blocks make: writes that land while we encode are not in
-        # the snapshot, and committing their size now would expose zeros after a crash.
-        # Neither may a size reaching past a block still dirty (a later batch's) that
-        # lies beyond what is stored: that block would read as a hole after a crash.
+        await self._flush_batches([(ino, fd, batch)])
+
+    async def _flush_batches(self, items: list[tuple[int, FileData, list[int]]]) -> None:
+        """Commit these blocks of these files in one transaction; the caller holds the
+        lock of each file."""
+        while True:
+            unloaded = [(fd, b) for _, fd, b in items if any(x in fd.unloaded for x in b)]
+            if not unloaded:
+                break
+            for fd, batch in unloaded:
+                await self._load_bases(fd, batch)
+        # No await from the test above to here: no block taken is unloaded.
         bs = self.block_size
-        gaps = [max(b * bs, fd.stored_size) for b in fd.blocks if (b + 1) * bs > fd.stored_size]
-        size = min([fd.size, *gaps])
-        self.dirty_bytes -= sum(len(v) for v in snap.values())
+        taken: list[tuple[int, FileData, dict[int, bytes], dict[int, Origin], int]] = []
+        for ino, fd, batch in items:
+            snap, origins = fd.take_dirty(batch)
+            # The size these blocks make: writes that land while we encode are not in
+            # the snapshot, and committing their size now would expose zeros after a
+            # crash. Neither may a size reaching past a block still dirty (a later
+            # batch's) that lies beyond what is stored: that block would read as a hole
+            # after a crash.
+            gaps = [max(b * bs, fd.stored_size) for b in fd.blocks if (b + 1) * bs > fd.stored_size]
+            size = min([fd.size, *gaps])
+            self.dirty_bytes -= sum(len(v) for v in snap.values())
+            taken.append((ino, fd, snap, origins, size))
         committed = False
         try:
-            plans = (
-                [await self._patch_plan(origins.get(b), data) for b, data in snap.items()]
-                if origins  # a streaming writer's whole blocks have none
-                else []
-            )
-            prepared = await self.vol.prepare_chunks(list(snap.values()), plans)
-            i = self.cat.inode(ino)
-            if i is None:
-                committed = True  # unlinked and released meanwhile: nothing to keep
-                return
-            blocks = tuple((b, p.id.hex(), p.length) for b, p in zip(snap, prepared, strict=True))
-            i = replace(
-                i,
-                size=size,
-                mtime_ns=fd.mtime_ns or i.mtime_ns,
-                ctime_ns=self._ctime(fd, i),
-            )
-            self.vol.commit_nowait([SetBlocks(ino, blocks), _set_inode(i)], prepared)
+            plans: list[PatchPlan | None] = []
+            for _, _, snap, origins, _ in taken:
+                if not origins:  # a streaming writer's whole blocks, a new file's
+                    plans += [None] * len(snap)
+                    continue
+                plans += [await self._patch_plan(origins.get(b), d) for b, d in snap.items()]
+            data = [d for _, _, snap, _, _ in taken for d in snap.values()]
+            prepared = await self.vol.prepare_chunks(data, plans)
+            ops: list[Op] = []
+            chunks: list[PreparedChunk] = []
+            kept: list[tuple[FileData, dict[int, bytes], int, list[PreparedChunk]]] = []
+            k = 0
+            for ino, fd, snap, _, size in taken:
+                mine, k = prepared[k : k + len(snap)], k + len(snap)
+                i = self.cat.inode(ino)
+                if i is None:
+                    continue  # unlinked and released meanwhile: nothing to keep
+                blocks = tuple((b, p.id.hex(), p.length) for b, p in zip(snap, mine, strict=True))
+                i = replace(
+                    i,
+                    size=size,
+                    mtime_ns=fd.mtime_ns or i.mtime_ns,
+                    ctime_ns=self._ctime(fd, i),
+                )
+                ops += [SetBlocks(ino, blocks), _set_inode(i)]
+                chunks += mine
+                kept.append((fd, snap, size, mine))
+            if ops:
+                self.vol.commit_nowait(ops, chunks)
             committed = True
-            fd.stored_size = size
-            # The next partial write of these blocks reads them back: keep them warm.
-            # Not a streaming writer's full blocks: nobody rewrites them soon, and they
-            # would push everything else out of the cache (and hold memory for nothing).
-            small = len(snap) * bs <= self.WARM_AFTER_FLUSH
-            for data, p in zip(snap.values(), prepared, strict=True):
-                if small or len(data) < bs:
-                    self.cache.put(p.id, data)
+            for fd, snap, size, mine in kept:
+                fd.stored_size = size
+                # The next partial write of these blocks reads them back: keep them warm.
+                # Not a streaming writer's full blocks: nobody rewrites them soon, and
+                # they would push everything else out of the cache (and hold memory for
+                # nothing).
+                small = len(snap) * bs <= self.WARM_AFTER_FLUSH
+                for d, p in zip(snap.values(), mine, strict=True):
+                    if small or len(d) < bs:
+                        self.cache.put(p.id, d)
         finally:
-            if committed:
-                fd.done_flushing(snap)
-            else:  # keep the data readable and dirty: a later flush retries it
-                self.dirty_bytes += fd.flush_failed(snap)
+            for _, fd, snap, _, _ in taken:
+                if committed:
+                    fd.done_flushing(snap)
+                else:  # keep the data readable and dirty: a later flush retries it
+                    self.dirty_bytes += fd.flush_failed(snap)
 
     async def _patch_plan(self, origin: Origin | None, data: bytes) -> PatchPlan | None:
         """How to store `data` as a patch of the chunk it was loaded from, when that is
@@ -1135,6 +1245,8 @@ class FileSystem:
         """Commit every buffer and sync; one file that cannot be saved does not stop the
         others from trying (each may fit where the first did not)."""
         failed: list[tuple[int, Exception]] = []
+        with contextlib.suppress(OSError, VaultsyncError):
+            await self.commit_closed()  # together first; whatever fails is retried below
         for ino in list(self.files):
             try:
                 await self.flush(ino)
