@@ -1433,6 +1433,19 @@ async def _new_file(fs: FileSystem, name: bytes = b"f") -> int:
     return ino
 
 
+def _gate_encoding(fs: FileSystem) -> asyncio.Event:
+    """Hold every flush in prepare_chunks until the event is set."""
+    gate = asyncio.Event()
+    real = fs.vol.prepare_chunks
+
+    async def slow(blocks: Any, plans: Any = ()) -> Any:
+        await gate.wait()
+        return await real(blocks, plans)
+
+    fs.vol.prepare_chunks = slow  # type: ignore[method-assign]
+    return gate
+
+
 async def test_write_racing_a_flush_keeps_both_writes(fs: FileSystem) -> None:
     """A write that read a block's old content while another write to it was flushed
     must not put the old content back over the flushed write."""
@@ -1508,22 +1521,14 @@ async def test_unflushed_size_is_not_committed_by_metadata_changes(fs: FileSyste
 async def test_flush_commits_only_the_size_its_blocks_make(fs: FileSystem) -> None:
     ino = await _new_file(fs)
     await fs.write(ino, 0, b"a" * 100)
-    gate = asyncio.Event()
-    real = fs.vol.prepare_chunks
-
-    async def slow(blocks: Any, plans: Any = ()) -> Any:
-        await gate.wait()
-        return await real(blocks, plans)
-
-    fs.vol.prepare_chunks = slow  # type: ignore[method-assign]
+    gate = _gate_encoding(fs)
     flushing = asyncio.ensure_future(fs.flush(ino))
     await asyncio.sleep(0.01)
     await fs.write(ino, 5 * fs.block_size, b"late")  # lands while the flush encodes
     gate.set()
     await flushing
     assert fs.cat.inode(ino).size == 100  # type: ignore[union-attr]
-    fs.vol.prepare_chunks = real  # type: ignore[method-assign]
-    await fs.flush(ino)
+    await fs.flush(ino)  # the gate stays open
     assert fs.cat.inode(ino).size == 5 * fs.block_size + 4  # type: ignore[union-attr]
     assert await fs.read(ino, 5 * fs.block_size, 10) == b"late"
 
@@ -1791,14 +1796,7 @@ async def test_commit_closed_returns_only_once_earlier_calls_have_committed(
     ino = await _new_file(fs)
     await fs.write(ino, 0, b"data")
     await fs.release(ino)
-    gate = asyncio.Event()
-    real = fs.vol.prepare_chunks
-
-    async def slow(blocks: Any, plans: Any = ()) -> Any:
-        await gate.wait()
-        return await real(blocks, plans)
-
-    fs.vol.prepare_chunks = slow  # type: ignore[method-assign]
+    gate = _gate_encoding(fs)
     first = asyncio.ensure_future(fs.commit_closed())
     await asyncio.sleep(0.02)  # it has taken the file and waits for the encoder
     assert not fs._closed
