@@ -177,10 +177,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         flags: int,
         ctx: Any,
     ) -> None:
-        # A file written, closed and renamed into place must not be renamed before
-        # its content is committed: after a crash the new name would show old data.
-        await self.fs.commit_closed()
-        self.fs.rename(
+        await self.fs.rename(
             parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx.uid, ctx.gid
         )
 

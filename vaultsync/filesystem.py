@@ -413,10 +413,14 @@ class FileSystem:
                 return False
             ino, seen = parent, seen + 1
 
-    def rename(
+    async def rename(
         self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0, uid: int = 0, gid: int = 0
     ) -> None:
         """Move an entry; `uid`/`gid` (the caller's) own the whiteout RENAME_WHITEOUT leaves."""
+        # INVARIANT: a closed file's content is committed before any later rename (see
+        # release), so a file written, closed and renamed into place never shows its
+        # new name with old content after a crash. No await after this one.
+        await self.commit_closed()
         known = RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
         if flags & ~known or (flags & RENAME_EXCHANGE and flags & ~RENAME_EXCHANGE):
             raise FsError(errno.EINVAL)
@@ -686,7 +690,7 @@ class FileSystem:
         """Commit the buffers of closed files now: those that fit in one transaction
         together (FLUSH_BATCH bytes), the others each on its own.
 
-        Called before a rename and a directory fsync too, so that a file written,
+        Called by rename and before a directory fsync too, so that a file written,
         closed and renamed into place is never newer in name than in content.
         """
         async with self._closed_lock:
