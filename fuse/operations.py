@@ -265,8 +265,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         if fh == pyfuse3.ROOT_INODE:
             await self.fs.flush_all()  # `vaultsync umount` uses this to drain the buffers
         else:
-            await self.fs.commit_closed()  # what was closed before is in the directory's sync
-            await self.fs.vol.sync()
+            await self.fs.sync_dir()
 
     # -- the rest --------------------------------------------------------------------------
     @_errors

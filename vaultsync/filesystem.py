@@ -686,12 +686,20 @@ class FileSystem:
             # in between would see a task that is about to end and start none.
             self._closed_task = False
 
+    async def sync_dir(self) -> None:
+        """fsync of a directory (not the root's: see flush_all).
+
+        INVARIANT: the files closed before it are committed first, so the sync makes
+        their content durable with their names (see release)."""
+        await self.commit_closed()
+        await self.vol.sync()
+
     async def commit_closed(self) -> None:
         """Commit the buffers of closed files now: those that fit in one transaction
         together (FLUSH_BATCH bytes), the others each on its own.
 
-        Called by rename and before a directory fsync too, so that a file written,
-        closed and renamed into place is never newer in name than in content.
+        Called by rename and sync_dir too, so that a file written, closed and
+        renamed into place is never newer in name than in content.
         """
         async with self._closed_lock:
             await self._commit_closed_now()
