@@ -22,11 +22,11 @@ from vaultsync import __version__
 
 from . import files
 from .auth import Auth
-from .backend import Backend
 from .errors import install_error_handlers
 from .limits import LimitRequests, Message, Receive, Scope, Send
 from .metrics import Metrics
 from .paths import restore_destination, volume_path
+from .source import Backend
 
 WEB = Path(__file__).parent / "web"
 SNAPSHOT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -17,12 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vaultsync.engine.filesystem import FsError
 from vaultsync.errors import ConfigError, CryptoError, FormatError, VaultsyncError, VolumeError
-from vaultsync.filesystem import FsError
-from vaultsync.objectstore import StoreError
-from vaultsync.recovery import PointError
-from vaultsync.restore import RestoreError
-from vaultsync.snapshots import SnapshotError
+from vaultsync.points.recovery import PointError
+from vaultsync.points.restore import RestoreError
+from vaultsync.points.snapshots import SnapshotError
+from vaultsync.store.objectstore import StoreError
 
 log = logging.getLogger("vaultsync.api")
 

@@ -27,17 +27,17 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from vaultsync.catalog import Inode
-from vaultsync.restore import RestoreError, _resolve
+from vaultsync.engine.catalog import Inode
+from vaultsync.points.restore import RestoreError, _resolve
 
 from . import conditional
 from .auth import Auth
-from .backend import Backend
 from .errors import ApiError
 from .metrics import Metrics
 from .paths import volume_path
+from .point_views import View
 from .ranges import parse_range
-from .views import View
+from .source import Backend
 
 READ_SIZE = 1 << 20
 DOTS = 2  # readdir offsets 0 and 1 are "." and ".."

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from vaultsync.config import Config
 from vaultsync.errors import VaultsyncError
-from vaultsync.restore import restore
+from vaultsync.points.restore import restore
 
 from .errors import ApiError
 

@@ -21,12 +21,12 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vaultsync.config import Config, _host_port, is_loopback
+from vaultsync.engine.filesystem import FileSystem
 from vaultsync.errors import ConfigError
-from vaultsync.filesystem import FileSystem
 
 from .app import create_app
 from .auth import Auth
-from .backend import Backend
+from .source import Backend
 
 log = logging.getLogger("vaultsync.api")
 

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from tests.api_helpers import READ_TOKEN, ApiServer, api_toml, auth
-from tests.conftest import _credentials_file
-from tests.mounting import Mount
-from vaultsync.providers import free_port, start_seaweedfs
+from tests.support.api_helpers import READ_TOKEN, ApiServer, api_toml, auth
+from tests.support.mounting import Mount
+from tests.support.targets import credentials_file
+from vaultsync.commands.local_servers import free_port, start_seaweedfs
 
 
 def _write(path: Path, size: int, seed: bytes) -> None:
@@ -65,7 +65,7 @@ def main() -> int:
     try:
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         sw.create_bucket(bucket)
-        cred = _credentials_file(sw.access_key, sw.secret_key)
+        cred = credentials_file(sw.access_key, sw.secret_key)
         targets = (
             f'\n[[targets]]\nname = "sw"\nendpoint = "{sw.endpoint}"\nbucket = "{bucket}"\n'
             f'prefix = "v"\nmode = "async"\ncredentials = {{ file = "{cred}" }}\n'

@@ -21,9 +21,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from vaultsync.header import new_header
-from vaultsync.txn import SetBlocks, SetDirent, SetInode
-from vaultsync.volume import Volume
+from vaultsync.engine.volume import Volume
+from vaultsync.format.header import new_header
+from vaultsync.format.txn import SetBlocks, SetDirent, SetInode
 
 BLOCK = 1 << 20
 WORDS = (

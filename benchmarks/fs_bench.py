@@ -63,8 +63,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
 from benchmarks.harness import RunFrame, print_grid, write_all  # noqa: E402
-from tests.mounting import Mount  # noqa: E402
-from vaultsync.providers import LocalProvider, start_seaweedfs  # noqa: E402
+from tests.support.mounting import Mount  # noqa: E402
+from vaultsync.commands.local_servers import LocalProvider, start_seaweedfs  # noqa: E402
 
 MIB = 1 << 20
 BLOCK = MIB

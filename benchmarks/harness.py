@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.mounting import Mount
+from tests.support.mounting import Mount
+from vaultsync.commands.local_servers import LocalProvider, start_seaweedfs
 from vaultsync.config import TargetConfig
-from vaultsync.providers import LocalProvider, start_seaweedfs
 
 
 def loadavg() -> str:

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
-from tests.mounting import Mount  # noqa: E402
-from vaultsync.providers import (  # noqa: E402
+from tests.support.mounting import Mount  # noqa: E402
+from vaultsync.commands.local_servers import (  # noqa: E402
     LocalProvider,
     find_binary,
     start_rclone,

@@ -56,11 +56,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
-from vaultsync.fuse.mount import lazy_unmount, mounted_at  # noqa: E402
-
 from benchmarks.harness import Row, RunFrame, SeaweedBench, write_all  # noqa: E402
-from tests.mounting import Mount  # noqa: E402
+from tests.support.mounting import Mount  # noqa: E402
 from vaultsync.config import TargetConfig  # noqa: E402
+from vaultsync.fuse.mount import lazy_unmount, mounted_at  # noqa: E402
 
 MIB = 1 << 20
 TARGET_NAME = "sw"

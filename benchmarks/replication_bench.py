@@ -56,9 +56,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for tests.mounting when run as a script
 
 from benchmarks.harness import Row, RunFrame, SeaweedBench, write_all  # noqa: E402
-from tests.mounting import Mount  # noqa: E402
+from tests.support.mounting import Mount  # noqa: E402
 from vaultsync.config import TargetConfig  # noqa: E402
-from vaultsync.objectstore import ObjectStore  # noqa: E402
+from vaultsync.store.objectstore import ObjectStore  # noqa: E402
 
 MIB = 1 << 20
 SMALL = 4096

@@ -23,18 +23,16 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from vaultsync.config import Config
+from vaultsync.engine.filesystem import FileSystem
+from vaultsync.engine.volume import Volume, has_volume
 from vaultsync.errors import OUT_OF_SPACE, VaultsyncError
-from vaultsync.filesystem import FileSystem
+from vaultsync.format.state_layout import StateDir
 from vaultsync.quietlog import Throttled
-from vaultsync.volume import Volume, has_volume
 
 if TYPE_CHECKING:
     from vaultsync.fuse.operations import Operations
 
 log = logging.getLogger("vaultsync.mount")
-
-LOCK_FILE = "mount.lock"
-PID_FILE = "mount.pid"
 
 
 class MountError(VaultsyncError):
@@ -98,7 +96,7 @@ def clean_stale_mount(mountpoint: Path) -> bool:
 
 def take_lock(state_dir: Path) -> IO[str]:
     """Hold the state directory for this process, or say who holds it."""
-    f = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole mount
+    f = open(StateDir(state_dir).lock, "a+")  # noqa: SIM115 - held for the whole mount
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -114,7 +112,7 @@ def take_lock(state_dir: Path) -> IO[str]:
 
 def read_pid(state_dir: Path) -> int | None:
     try:
-        text = (state_dir / PID_FILE).read_text().split()
+        text = StateDir(state_dir).pid.read_text().split()
         return int(text[0]) if text else None
     except (OSError, ValueError):
         return None
@@ -201,10 +199,11 @@ async def _serve(
     config_path: Path | None = None,
 ) -> None:
     import pyfuse3
-    from vaultsync.fuse import loop
+
+    from vaultsync.fuse import loop as fuse_loop
     from vaultsync.fuse.operations import Operations
 
-    loop.enable(cfg.mount.busy_poll_us / 1e6)
+    fuse_loop.enable(cfg.mount.busy_poll_us / 1e6)
     v = cfg.volume
     vol = await Volume.open(
         v.state_dir, passphrase, segment_size=v.segment_size, segment_max_age=v.segment_max_age
@@ -345,13 +344,13 @@ async def _serve_point(
 ) -> None:
     """Rebuild the volume as of a point from one target and serve it read-only."""
     import pyfuse3
-    from vaultsync.fuse import loop
+
+    from vaultsync.fuse import loop as fuse_loop
     from vaultsync.fuse.operations import Operations
+    from vaultsync.points.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
+    from vaultsync.store.objectstore import ObjectStore
 
-    from vaultsync.objectstore import ObjectStore
-    from vaultsync.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
-
-    loop.enable(cfg.mount.busy_poll_us / 1e6)
+    fuse_loop.enable(cfg.mount.busy_poll_us / 1e6)
     point = parse_point(point_text)
     t0 = time.monotonic()
     async with ObjectStore(cfg.target(target)) as store:
@@ -476,12 +475,12 @@ def run_mount(
     try:
         clean_stale_mount(mountpoint)
         check_mountpoint(mountpoint)
-        (state_dir / PID_FILE).write_text(f"{os.getpid()}\n{mountpoint}\n")
+        StateDir(state_dir).pid.write_text(f"{os.getpid()}\n{mountpoint}\n")
         try:
             asyncio.run(_serve(cfg, mountpoint, passphrase, None, config_path))
         finally:
             with contextlib.suppress(OSError):
-                (state_dir / PID_FILE).unlink()
+                StateDir(state_dir).pid.unlink()
     finally:
         lock.close()
 
@@ -614,7 +613,7 @@ def signal_reload(state_dir: Path) -> int | None:
     daemon, whatever a stale `mount.pid` says.
     """
     try:
-        f = open(state_dir / LOCK_FILE)  # noqa: SIM115 - closed below
+        f = open(StateDir(state_dir).lock)  # noqa: SIM115 - closed below
     except OSError:
         return None
     try:

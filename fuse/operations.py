@@ -1,6 +1,6 @@
 """pyfuse3 glue: requests in, `FileSystem` calls, attributes and errnos out.
 
-Nothing here decides semantics; that is `vaultsync.filesystem`. File handles
+Nothing here decides semantics; that is `vaultsync.engine.filesystem`. File handles
 are the inode number: every open file of one inode shares one buffer, which is
 what makes reads see writes made through another descriptor.
 """
@@ -17,11 +17,11 @@ from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
-from vaultsync.fuse.loop import running
 
-from vaultsync.catalog import Inode
+from vaultsync.engine.catalog import Inode
+from vaultsync.engine.filesystem import FileSystem, FsError, without_privs
 from vaultsync.errors import OUT_OF_SPACE, ReadOnlyVolumeError, VaultsyncError
-from vaultsync.filesystem import FileSystem, FsError, without_privs
+from vaultsync.fuse.loop import running
 from vaultsync.quietlog import Throttled
 
 log = logging.getLogger("vaultsync.fuse")

@@ -14,9 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from vaultsync import segment as seg
-from vaultsync.background import in_background
-from vaultsync.volume import CATALOG_FILE, Volume
+from vaultsync.engine.lowprio import in_background
+from vaultsync.engine.volume import Volume
+from vaultsync.format import segment as seg
+from vaultsync.format.state_layout import StateDir
 
 # Tables that describe this site, not the volume: emptied in the image.
 _LOCAL_TABLES = ("watermarks",)
@@ -48,7 +49,7 @@ def _image(catalog: Path) -> tuple[int, bytes]:
 async def build_checkpoint(vol: Volume) -> tuple[int, int, bytes] | None:
     """(LSN, commit time, object bytes) of a checkpoint of the catalog as it is now."""
     vol.catalog.commit()
-    lsn, image = await in_background(_image, vol.state_dir / CATALOG_FILE)
+    lsn, image = await in_background(_image, StateDir(vol.state_dir).catalog)
     if lsn == 0:
         return None
     when = vol.committed_at(lsn) or time.time_ns()

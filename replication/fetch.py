@@ -15,16 +15,15 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from vaultsync import segment as seg
+from vaultsync.engine.journal import Location, replace_segment_file
 from vaultsync.errors import CryptoError, FormatError, VolumeError
-from vaultsync.journal import Location, replace_segment_file
-from vaultsync.layout import segment_key
-from vaultsync.objectstore import StoreError
+from vaultsync.format import segment as seg
+from vaultsync.format.bucket_layout import segment_key
+from vaultsync.store.objectstore import StoreError
 
 if TYPE_CHECKING:
+    from vaultsync.engine.volume import Volume
     from vaultsync.replication.shipper import Shipper
-
-    from vaultsync.volume import Volume
 
 log = logging.getLogger("vaultsync.replication")
 

@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaultsync import segment as seg
-from vaultsync.background import in_background
 from vaultsync.config import Config
+from vaultsync.engine.lowprio import in_background
+from vaultsync.engine.volume import PreparedChunk, Volume
 from vaultsync.errors import VaultsyncError
-from vaultsync.gcplan import SegmentRow, plan_segments, replay_segments
-from vaultsync.layout import (
+from vaultsync.format import segment as seg
+from vaultsync.format.bucket_layout import (
     CHECKPOINTS,
     RELOCATIONS,
     RETAINED_KEY,
@@ -50,15 +50,15 @@ from vaultsync.layout import (
     relocation_key,
     segment_key,
 )
-from vaultsync.objectstore import ObjectMissingError, ObjectStore, StoreError
-from vaultsync.retention import Point, Retained, plan_retention
-from vaultsync.snapshots import SNAPSHOTS
-from vaultsync.txn import SetBlocks, Transaction
-from vaultsync.volume import PreparedChunk, Volume
+from vaultsync.format.state_layout import StateDir
+from vaultsync.format.txn import SetBlocks, Transaction
+from vaultsync.points.gcplan import SegmentRow, plan_segments, replay_segments
+from vaultsync.points.retention import Point, Retained, plan_retention
+from vaultsync.points.snapshots import SNAPSHOTS
+from vaultsync.store.objectstore import ObjectMissingError, ObjectStore, StoreError
 
 log = logging.getLogger("vaultsync.gc")
 
-GC_DIR = "gc"  # per-site caches of the chunk ids immutable things refer to
 _ID = 32
 _MOVE_BATCH = 4 << 20  # bytes of chunks stored again per compaction transaction
 
@@ -108,7 +108,7 @@ class GarbageCollector:
         self.stores = list(stores)
         self.shipped = shipped
         self.wait_shipped = wait_shipped
-        self.cache = vol.state_dir / GC_DIR
+        self.cache = StateDir(vol.state_dir).gc_cache
         self.lock = asyncio.Lock()
         self._reloc_lsn: dict[str, int | None] = {}  # records never change: read once
 
@@ -452,7 +452,7 @@ async def gc_unmounted(cfg: Config, passphrase: str | None, dry_run: bool) -> Gc
     Chunks moved by compaction reach the targets at the next mount; the
     segments they left are deleted by the run after that.
     """
-    from vaultsync.targets import open_stores
+    from vaultsync.store.targets import open_stores
 
     v = cfg.volume
     vol = await Volume.open(
@@ -474,15 +474,13 @@ def gc_mounted(state_dir: Path, pid: int, timeout: float) -> dict[str, Any]:
     import os
     import signal
 
-    from vaultsync.replication.replicator import STATUS_FILE
-
     started = time.time_ns()
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
         try:
-            doc = json.loads((state_dir / STATUS_FILE).read_text())
+            doc = json.loads(StateDir(state_dir).replication_status.read_text())
         except (OSError, ValueError):
             continue
         last = doc.get("gc") or {}

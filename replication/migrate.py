@@ -33,20 +33,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from vaultsync.replication.migrate_check import CheckFailed, check_object
-from vaultsync.replication.migrate_plan import SNAPSHOTS, Item, Plan, is_plain_md5, make_plan
-
-from vaultsync.chunks import Codec
 from vaultsync.config import Config, TargetConfig
 from vaultsync.errors import FormatError, VolumeError
-from vaultsync.header import HEADER_KEY, VolumeHeader
-from vaultsync.objectstore import ObjectInfo, ObjectMissingError, ObjectStore, StoreError, md5_hex
-from vaultsync.ratelimit import RateLimiter
-from vaultsync.targets import _foreign, read_remote_header
+from vaultsync.format.chunks import Codec
+from vaultsync.format.header import HEADER_KEY, VolumeHeader
+from vaultsync.format.state_layout import StateDir
+from vaultsync.replication.migrate_check import CheckFailed, check_object
+from vaultsync.replication.migrate_plan import SNAPSHOTS, Item, Plan, is_plain_md5, make_plan
+from vaultsync.store.objectstore import (
+    ObjectInfo,
+    ObjectMissingError,
+    ObjectStore,
+    StoreError,
+    md5_hex,
+)
+from vaultsync.store.ratelimit import RateLimiter
+from vaultsync.store.targets import _foreign, read_remote_header
 
 log = logging.getLogger("vaultsync.migrate")
-
-JOURNAL_DIR = "migrate"
 
 
 class MigrateError(VolumeError):
@@ -122,7 +126,7 @@ class ResumeJournal:
         # for another bucket starts a journal of its own.
         where = ">".join(f"{t.endpoint}/{t.bucket}/{t.prefix}" for t in (source, dest))
         digest = hashlib.sha256(where.encode()).hexdigest()[:8]
-        path = state_dir / JOURNAL_DIR / f"{source.name}-to-{dest.name}-{digest}.jsonl"
+        path = StateDir(state_dir).migrations / f"{source.name}-to-{dest.name}-{digest}.jsonl"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

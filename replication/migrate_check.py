@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from vaultsync.replication.migrate_plan import SNAPSHOTS, Item, is_plain_md5
-
-from vaultsync import segment as seg
-from vaultsync.chunks import Codec
 from vaultsync.errors import FormatError
-from vaultsync.header import VolumeHeader
-from vaultsync.layout import parse_checkpoint_key, parse_lease_key
-from vaultsync.objectstore import md5_hex
+from vaultsync.format import segment as seg
+from vaultsync.format.bucket_layout import parse_checkpoint_key, parse_lease_key
+from vaultsync.format.chunks import Codec
+from vaultsync.format.header import VolumeHeader
+from vaultsync.replication.migrate_plan import SNAPSHOTS, Item, is_plain_md5
+from vaultsync.store.objectstore import md5_hex
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 

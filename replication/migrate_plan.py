@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vaultsync.layout import (
+from vaultsync.format.bucket_layout import (
     CHECKPOINTS,
     HEADER_KEY,
     LEASES,
@@ -29,7 +29,7 @@ from vaultsync.layout import (
     parse_lease_key,
     parse_segment_key,
 )
-from vaultsync.objectstore import PROBE_PREFIX, ObjectInfo
+from vaultsync.store.objectstore import PROBE_PREFIX, ObjectInfo
 
 Kind = Literal["header", "lease", "segment", "checkpoint", "snapshot", "other"]
 SNAPSHOTS = "snapshots/"

@@ -18,27 +18,25 @@ import os
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from vaultsync.config import Config, TargetConfig
+from vaultsync.control.lease import FencedError, check_lease, lease_window
+from vaultsync.engine.filesystem import FsError
+from vaultsync.engine.journal import Location
+from vaultsync.engine.volume import Volume
+from vaultsync.format.bucket_layout import checkpoint_key
+from vaultsync.format.header import HEADER_KEY
+from vaultsync.format.state_layout import REPLICATION_STATUS, StateDir
 from vaultsync.replication.checkpoint import build_checkpoint
 from vaultsync.replication.fetch import fetch_chunk
 from vaultsync.replication.gc import GarbageCollector, GcError, GcReport
 from vaultsync.replication.health import Health
 from vaultsync.replication.shipper import Shipper
-
-from vaultsync.config import Config, TargetConfig
-from vaultsync.filesystem import FsError
-from vaultsync.header import HEADER_KEY
-from vaultsync.journal import Location
-from vaultsync.layout import checkpoint_key
-from vaultsync.lease import FencedError, check_lease, lease_window
-from vaultsync.objectstore import ObjectStore, StoreError
-from vaultsync.volume import Volume
+from vaultsync.store.objectstore import ObjectStore, StoreError
 
 log = logging.getLogger("vaultsync.replication")
 
-STATUS_FILE = "replication.json"
 # Checkpoints kept for targets that have not caught up to them yet.
 MAX_PENDING_CHECKPOINTS = 3
 # Seconds a clean unmount spends on its final checkpoint before giving up on a target.
@@ -235,7 +233,7 @@ class Replicator:
         try:
             self._write_status()
         except OSError as e:  # a full disk, say: the status file is a view, never state
-            log.warning("could not write %s at shutdown: %s", STATUS_FILE, e)
+            log.warning("could not write %s at shutdown: %s", REPLICATION_STATUS, e)
         await self._stack.aclose()
 
     # -- events ------------------------------------------------------------------------
@@ -539,7 +537,7 @@ class Replicator:
         return {"updated_at": time.time(), "pid": os.getpid(), "targets": out, "gc": self.gc_last}
 
     def _write_status(self) -> None:
-        path: Path = self.vol.state_dir / STATUS_FILE
+        path = StateDir(self.vol.state_dir).replication_status
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.snapshot(), indent=1))
         os.replace(tmp, path)
@@ -549,7 +547,7 @@ class Replicator:
             try:
                 self._write_status()
             except OSError as e:
-                log.warning("could not write %s: %s", STATUS_FILE, e)
+                log.warning("could not write %s: %s", REPLICATION_STATUS, e)
             except Exception:
-                log.exception("could not write %s", STATUS_FILE)
+                log.exception("could not write %s", REPLICATION_STATUS)
             await asyncio.sleep(1.0)

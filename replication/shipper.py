@@ -35,15 +35,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vaultsync.replication.health import Health
-
-from vaultsync.background import in_background
 from vaultsync.config import TargetConfig
-from vaultsync.layout import contiguous_end, parse_tail_key, segment_key, tail_key, tail_prefix
-from vaultsync.lease import FencedError, check_lease, lease_clock, lease_window
-from vaultsync.objectstore import ObjectStore, StoreError, ThrottledError, md5_hex
-from vaultsync.segment import HEADER_SIZE
-from vaultsync.volume import Volume
+from vaultsync.control.lease import FencedError, check_lease, lease_clock, lease_window
+from vaultsync.engine.lowprio import in_background
+from vaultsync.engine.volume import Volume
+from vaultsync.format.bucket_layout import (
+    contiguous_end,
+    parse_tail_key,
+    segment_key,
+    tail_key,
+    tail_prefix,
+)
+from vaultsync.format.segment import HEADER_SIZE
+from vaultsync.replication.health import Health
+from vaultsync.store.objectstore import ObjectStore, StoreError, ThrottledError, md5_hex
 
 log = logging.getLogger("vaultsync.replication")
 

@@ -18,13 +18,14 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vaultsync import segment as seg
 from vaultsync.config import Config
+from vaultsync.engine.journal import replace_segment_file, segment_name
+from vaultsync.engine.volume import has_volume, read_local_header
 from vaultsync.errors import VolumeError
-from vaultsync.journal import replace_segment_file, segment_name
-from vaultsync.layout import parse_segment_key, segment_key
-from vaultsync.objectstore import ObjectStore, StoreError
-from vaultsync.volume import CATALOG_FILE, JOURNAL_DIR, has_volume, read_local_header
+from vaultsync.format import segment as seg
+from vaultsync.format.bucket_layout import parse_segment_key, segment_key
+from vaultsync.format.state_layout import StateDir
+from vaultsync.store.objectstore import ObjectStore, StoreError
 
 
 @dataclass
@@ -54,7 +55,7 @@ class VerifyReport:
 
 def _expected(state_dir: Path) -> tuple[list[tuple[int, int]], dict[str, int]]:
     """Sealed segments (number, size) and each target's watermark, from the catalog."""
-    db = sqlite3.connect(f"file:{state_dir / CATALOG_FILE}?mode=ro", uri=True)
+    db = sqlite3.connect(f"file:{StateDir(state_dir).catalog}?mode=ro", uri=True)
     try:
         segs = [
             (int(r[0]), int(r[1]))
@@ -68,7 +69,7 @@ def _expected(state_dir: Path) -> tuple[list[tuple[int, int]], dict[str, int]]:
 
 def _read_local(state_dir: Path, segno: int) -> bytes | None:
     try:
-        return (state_dir / JOURNAL_DIR / segment_name(segno)).read_bytes()
+        return (StateDir(state_dir).journal / segment_name(segno)).read_bytes()
     except OSError:
         return None
 
@@ -147,7 +148,7 @@ async def verify(
                         rep.error = e.reason
                         rep.unhealable.append(segno)
                 if segno in report.local_bad or local is None:
-                    path = state_dir / JOURNAL_DIR / segment_name(segno)
+                    path = StateDir(state_dir).journal / segment_name(segno)
                     await asyncio.to_thread(replace_segment_file, path, good)
                     report.local_healed.append(segno)
             elif bad_here:

@@ -1,3 +1,3 @@
-from vaultsync.cli import main
+from vaultsync.commands.cli import main
 
 main()

@@ -1,0 +1,131 @@
+"""What `vaultsync status` reports, gathered without disturbing a running mount.
+
+The catalog is read through a read-only SQLite connection (WAL lets it sit
+beside the writer), so status never runs recovery or takes the volume's
+lock. The numbers here are the ones the REST API and metrics will expose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from vaultsync.config import Config
+from vaultsync.control.lease import current_epoch
+from vaultsync.engine.volume import has_volume, read_local_header
+from vaultsync.format.header import VolumeHeader
+from vaultsync.format.state_layout import StateDir
+from vaultsync.store.objectstore import ObjectStore, StoreError
+from vaultsync.store.targets import open_stores, probe_target
+
+
+def _catalog_numbers(state_dir: Path) -> dict[str, Any]:
+    path = StateDir(state_dir).catalog
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        q = db.execute
+
+        def one(sql: str) -> Any:
+            row = q(sql).fetchone()
+            return row[0] if row else None
+
+        return {
+            "last_lsn": int(one("SELECT value FROM meta WHERE key='last_lsn'") or 0),
+            "epoch": int(one("SELECT value FROM meta WHERE key='epoch'") or 0),
+            "inodes": one("SELECT count(*) FROM inodes"),
+            "chunks": one("SELECT count(*) FROM chunks"),
+            "sealed_segments": one("SELECT count(*) FROM segments WHERE sealed=1"),
+            "watermarks": {
+                r[0]: {"segno": r[1], "lsn": r[2], "updated_ns": r[3]}
+                for r in q("SELECT target, segno, lsn, updated_ns FROM watermarks")
+            },
+        }
+    finally:
+        db.close()
+
+
+async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:
+    state_dir = cfg.volume.state_dir
+    header: VolumeHeader | None = None
+    volume: dict[str, Any] = {"name": cfg.volume.name, "state_dir": str(state_dir)}
+    numbers: dict[str, Any] = {"last_lsn": 0, "epoch": 0, "watermarks": {}}
+    if has_volume(state_dir):
+        header = read_local_header(state_dir)
+        numbers = await asyncio.to_thread(_catalog_numbers, state_dir)
+        journal = StateDir(state_dir).journal
+        volume.update(
+            initialized=True,
+            volume_id=header.volume_id_hex,
+            format_version=header.format_version,
+            encrypted=header.encryption is not None,
+            chunk_size=header.chunk_size,
+            journal_bytes=sum(p.stat().st_size for p in journal.glob("*.seg")),
+            **{k: v for k, v in numbers.items() if k != "watermarks"},
+        )
+    else:
+        volume["initialized"] = False
+    targets: list[dict[str, Any]] = []
+    health: list[str] = ["not probed"] * len(cfg.targets)
+    leases: list[int | None] = [None] * len(cfg.targets)
+    if probe and cfg.targets:
+        async with open_stores(cfg, connect_timeout=3, max_attempts=1) as stores:
+            health = list(await asyncio.gather(*(probe_target(s, header) for s in stores)))
+            leases = list(await asyncio.gather(*(_lease_epoch(s) for s in stores)))
+    # Fenced: a target holds a writer lease newer than this site's epoch (a promotion
+    # elsewhere). The mount would refuse writes; `vaultsync salvage` lists what is unshipped.
+    newer = [(e, t.name) for t, e in zip(cfg.targets, leases, strict=True) if e is not None]
+    if header is not None and newer and max(newer)[0] > numbers["epoch"]:
+        volume["fenced"] = {"lease_epoch": max(newer)[0], "target": max(newer)[1]}
+    else:
+        volume["fenced"] = None
+    live = _live_replication(state_dir)
+    volume["mounted"] = live is not None
+    for t, h in zip(cfg.targets, health, strict=True):
+        wm = numbers["watermarks"].get(t.name, {"lsn": 0})
+        row: dict[str, Any] = {
+            "name": t.name,
+            "endpoint": t.endpoint,
+            "bucket": t.bucket,
+            "prefix": t.prefix,
+            "mode": t.mode,
+            "effective_mode": t.mode,
+            "probe": h,
+            "health": h if h != "ok" else "healthy",
+            "lease_epoch": leases[len(targets)],
+            "watermark_lsn": wm["lsn"],
+            "lag_lsn": max(0, numbers["last_lsn"] - wm["lsn"]),
+            "lag_bytes": None,
+            "lag_seconds": None,
+            "queue_segments": None,
+            "last_error": "",
+        }
+        # While mounted, the daemon's own view is fresher than the catalog's.
+        if live is not None and t.name in live["targets"]:
+            lt = live["targets"][t.name]
+            row.update({k: lt[k] for k in lt if k in row or k in ("reason", "uploaded_bytes")})
+        targets.append(row)
+    return {"volume": volume, "targets": targets}
+
+
+async def _lease_epoch(store: ObjectStore) -> int | None:
+    """The newest writer lease at a target; None when it cannot be read."""
+    try:
+        return await current_epoch(store)
+    except StoreError:
+        return None
+
+
+def _live_replication(state_dir: Path) -> dict[str, Any] | None:
+    """The mount daemon's replication snapshot, if a daemon is running and writing it."""
+    path = StateDir(state_dir).replication_status
+    try:
+        snap: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if time.time() - float(snap.get("updated_at", 0)) > 10:
+        return None  # stale: the daemon is gone
+    return snap
