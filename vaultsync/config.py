@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -153,6 +154,9 @@ class TargetConfig(_Strict):
     mode: Literal["sync", "async"] = "async"
     # What a down sync target does to fsync: wait (then EIO) or carry on async.
     on_failure: Literal["block", "degrade"] = "degrade"
+    # A witness holds only the control objects (the header, leases, heartbeats):
+    # it votes in automatic failover and receives no data (docs/format.md §2.7).
+    role: Literal["data", "witness"] = "data"
     path_style: bool = True
     credentials: Credentials
 
@@ -170,6 +174,49 @@ class TargetConfig(_Strict):
         if ".." in v.split("/"):
             raise ValueError("must not contain '..'")
         return f"{v}/" if v else ""
+
+
+def _host_name() -> str:
+    """The default site name: the host name, cut to what a name may hold."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:63]
+    return name if re.match(NAME_RE, name) else "site"
+
+
+class SiteConfig(_Strict):
+    """This site's name: in leases and heartbeats, so every site of a volume needs its own."""
+
+    name: str = Field(default_factory=_host_name, pattern=NAME_RE)
+
+
+Command = Annotated[list[str], Field(min_length=1)]
+
+# The shortest failover_after: the writer's hold is a third of it, and a hold must
+# fit two renewals of a PUT and a LIST each (docs/format.md §2.7).
+MIN_FAILOVER_AFTER = 6.0
+
+
+class FailoverConfig(_Strict):
+    """Who decides that another site takes over: a person (manual) or the sites (auto)."""
+
+    mode: Literal["manual", "auto"] = "manual"
+    # Seconds without heartbeat progress at a majority of the voters before a
+    # standby takes over; the writer's hold is a third of it (docs/format.md §2.7).
+    failover_after: Duration = 15.0
+    # Run when this site becomes the writer, or stops being it: a command as a list
+    # (no shell), with VAULTSYNC_SITE, _EPOCH, _MOUNTPOINT and _REASON in its environment.
+    on_promote: Command | None = None
+    on_demote: Command | None = None
+    hook_timeout: Duration = Field(default=120.0, gt=0, le=3600)
+
+    @field_validator("failover_after")
+    @classmethod
+    def _long_enough(cls, v: float) -> float:
+        if v < MIN_FAILOVER_AFTER:
+            raise ValueError(
+                f"must be at least {MIN_FAILOVER_AFTER:g} seconds (got {v:g}): the writer stops "
+                "acknowledging after a third of it, which must leave room for two renewals"
+            )
+        return v
 
 
 class VolumeConfig(_Strict):
@@ -332,6 +379,8 @@ class Config(_Strict):
     retention: RetentionConfig = RetentionConfig()
     mount: MountConfig = MountConfig()
     api: ApiConfig = ApiConfig()
+    site: SiteConfig = SiteConfig()
+    failover: FailoverConfig = FailoverConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -339,6 +388,19 @@ class Config(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"targets: duplicate target name {sorted(dup)[0]!r}")
+        for i, t in enumerate(self.targets):
+            if t.role == "witness" and t.mode == "sync":
+                raise ValueError(
+                    f"targets: targets[{i}] ({t.name!r}) is a witness, which holds no data: "
+                    'it cannot be mode = "sync"; leave mode out'
+                )
+        if self.targets and not self.data_targets:
+            raise ValueError("targets: every target is a witness; at least one must hold data")
+        if any(t.role == "witness" for t in self.targets) and self.failover.mode != "auto":
+            raise ValueError(
+                'targets: a witness only votes in automatic failover; set [failover] mode = "auto" '
+                "or remove the witness"
+            )
         q = self.replication.quorum
         n_sync = sum(t.mode == "sync" for t in self.targets)
         if q is not None and q > n_sync:
@@ -350,7 +412,16 @@ class Config(_Strict):
                 f"api.from_target: no target named {self.api.from_target!r} "
                 f"(targets: {', '.join(names) or 'none'})"
             )
+        if self.api.from_target is not None and self.target(self.api.from_target).role != "data":
+            raise ValueError(
+                f"api.from_target: {self.api.from_target!r} is a witness: it holds no data"
+            )
         return self
+
+    @property
+    def data_targets(self) -> list[TargetConfig]:
+        """The targets that receive the volume's history (witnesses hold only leases)."""
+        return [t for t in self.targets if t.role == "data"]
 
     def target(self, name: str) -> TargetConfig:
         for t in self.targets:
@@ -410,7 +481,7 @@ def _explain(err: ValidationError) -> str:
     elif kind == "string_pattern_mismatch":
         msg = "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
     # Cross-field messages already name their key.
-    if msg.startswith(("targets:", "replication.", "api.")):
+    if msg.startswith(("targets:", "replication.", "api.", "failover.")):
         return msg
     return f"{_loc(loc)}: {msg}"
 

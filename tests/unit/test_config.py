@@ -502,3 +502,57 @@ def test_credentials_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="chmod 600"):
         cfg.targets[0].credentials.resolve("targets.t")
+
+
+# -- sites and automatic failover -----------------------------------------------------------
+
+
+def _auto(**failover: Any) -> dict[str, Any]:
+    d = _with_target(mode="sync")
+    d["failover"] = {"mode": "auto", **failover}
+    return d
+
+
+def test_failover_defaults_are_manual_with_the_host_as_site() -> None:
+    cfg = parse_config(_with_target())
+    assert cfg.failover.mode == "manual" and cfg.failover.failover_after == 15.0
+    assert cfg.site.name and cfg.failover.on_promote is None
+    assert cfg.data_targets == cfg.targets
+
+
+def test_failover_after_below_the_minimum_names_it() -> None:
+    msg = _error(_auto(failover_after="3s"))
+    assert "failover.failover_after: must be at least 6 seconds (got 3)" in msg
+
+
+def test_hooks_are_commands_not_strings() -> None:
+    cfg = parse_config(_auto(on_promote=["/usr/local/bin/start-apps", "--now"]))
+    assert cfg.failover.on_promote == ["/usr/local/bin/start-apps", "--now"]
+    assert "failover.on_promote" in _error(_auto(on_promote="start-apps --now"))
+    assert "failover.on_demote" in _error(_auto(on_demote=[]))
+
+
+def _with_witness(failover: str = "auto", **witness: Any) -> dict[str, Any]:
+    d = _with_target()
+    d["targets"].append({**d["targets"][0], "name": "vote", "role": "witness", **witness})
+    d["failover"] = {"mode": failover}
+    return d
+
+
+def test_a_witness_holds_no_data() -> None:
+    cfg = parse_config(_with_witness())
+    assert [t.name for t in cfg.data_targets] == ["primary"]
+    assert "is a witness" in _error(_with_witness(mode="sync"))
+    assert "only votes in automatic failover" in _error(_with_witness(failover="manual"))
+    d = _with_witness()
+    d["targets"][0]["role"] = "witness"
+    assert "every target is a witness" in _error(d)
+    d = _with_witness()
+    d["api"] = {"from_target": "vote"}
+    assert "api.from_target: 'vote' is a witness" in _error(d)
+
+
+def test_a_site_name_must_be_a_name() -> None:
+    d = _with_target()
+    d["site"] = {"name": "a b"}
+    assert "site.name" in _error(d)

@@ -28,6 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vaultsync.config import MIN_FAILOVER_AFTER
 from vaultsync.control.failover_rules import (
     HeartbeatWatch,
     Timing,
@@ -442,3 +443,9 @@ def test_the_timing_check_refuses_the_weakened_rules(rule: str) -> None:
     with pytest.raises(ValueError):
         weak.check()
     TIMING.check()
+
+
+def test_the_shortest_failover_after_the_config_allows_keeps_the_rules() -> None:
+    Timing.for_failover_after(MIN_FAILOVER_AFTER).check()
+    with pytest.raises(ValueError):
+        Timing.for_failover_after(MIN_FAILOVER_AFTER * 0.9).check()
