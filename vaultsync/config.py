@@ -157,6 +157,9 @@ class TargetConfig(_Strict):
     # A witness holds only the control objects (the header, leases, heartbeats):
     # it votes in automatic failover and receives no data (docs/format.md §2.7).
     role: Literal["data", "witness"] = "data"
+    # Whether it votes on who writes (auto mode): only a server that honours
+    # conditional creates can (rclone's S3 server does not).
+    vote: bool = True
     path_style: bool = True
     credentials: Credentials
 
@@ -394,8 +397,16 @@ class Config(_Strict):
                     f"targets: targets[{i}] ({t.name!r}) is a witness, which holds no data: "
                     'it cannot be mode = "sync"; leave mode out'
                 )
+        for i, t in enumerate(self.targets):
+            if t.role == "witness" and not t.vote:
+                raise ValueError(
+                    f"targets: targets[{i}] ({t.name!r}) is a witness that does not vote: "
+                    "it would serve no purpose; remove it or let it vote"
+                )
         if self.targets and not self.data_targets:
             raise ValueError("targets: every target is a witness; at least one must hold data")
+        if self.failover.mode == "auto" and self.targets and not self.voters:
+            raise ValueError("targets: in auto failover mode at least one target must vote")
         if any(t.role == "witness" for t in self.targets) and self.failover.mode != "auto":
             raise ValueError(
                 'targets: a witness only votes in automatic failover; set [failover] mode = "auto" '
@@ -417,6 +428,11 @@ class Config(_Strict):
                 f"api.from_target: {self.api.from_target!r} is a witness: it holds no data"
             )
         return self
+
+    @property
+    def voters(self) -> list[TargetConfig]:
+        """The targets that decide who writes in auto mode (docs/format.md §2.7)."""
+        return [t for t in self.targets if t.vote]
 
     @property
     def data_targets(self) -> list[TargetConfig]:

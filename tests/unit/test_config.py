@@ -547,6 +547,13 @@ def test_a_witness_holds_no_data() -> None:
     d = _with_witness()
     d["targets"][0]["role"] = "witness"
     assert "every target is a witness" in _error(d)
+    assert "a witness that does not vote" in _error(_with_witness(vote=False))
+    d = _with_witness()
+    d["targets"][0]["vote"] = False
+    assert [t.name for t in parse_config(d).voters] == ["vote"]
+    d["targets"][1]["role"] = "data"
+    d["targets"][1]["vote"] = False
+    assert "at least one target must vote" in _error(d)
     d = _with_witness()
     d["api"] = {"from_target": "vote"}
     assert "api.from_target: 'vote' is a witness" in _error(d)

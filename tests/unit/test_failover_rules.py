@@ -449,3 +449,14 @@ def test_the_shortest_failover_after_the_config_allows_keeps_the_rules() -> None
     Timing.for_failover_after(MIN_FAILOVER_AFTER).check()
     with pytest.raises(ValueError):
         Timing.for_failover_after(MIN_FAILOVER_AFTER * 0.9).check()
+
+
+def test_a_standby_judges_a_writer_by_the_writers_announced_timing() -> None:
+    mine = Timing.for_failover_after(6.0)
+    # A writer configured with failover_after = 60 holds for 20 s: a standby with 6 s
+    # must wait more than twice that, and never take the fast path on a short probation.
+    judged = mine.judging(hold=20.0, probation=3.0, heartbeat_every=10.0)
+    judged.check()
+    assert judged.failover_after > 2 * 20.0
+    assert judged.probation > 2 * judged.takeover_limit
+    assert mine.judging(mine.hold, mine.probation, mine.heartbeat_every) == mine

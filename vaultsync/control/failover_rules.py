@@ -65,6 +65,18 @@ class Timing:
     def minimum_failover_after() -> float:
         return 3 * MIN_HOLD
 
+    def judging(self, hold: float, probation: float, heartbeat_every: float) -> Timing:
+        """This standby's timing for a writer that announced `hold`, `probation` and
+        `heartbeat_every`: the writer's values where the rules depend on them, and a
+        longer wait or no fast path where this site's own values would break them."""
+        return Timing(
+            failover_after=max(self.failover_after, CLOCK_FACTOR * hold + heartbeat_every),
+            hold=hold,
+            heartbeat_every=heartbeat_every,
+            probation=probation,
+            takeover_limit=min(self.takeover_limit, probation / CLOCK_FACTOR * 0.9),
+        )
+
     def check(self) -> None:
         """The inequalities §2.7 relies on; ValueError names the first that fails."""
         if self.hold < MIN_HOLD:

@@ -25,7 +25,7 @@ from typing import Any
 
 from vaultsync.errors import VaultsyncError
 from vaultsync.format.bucket_layout import LEASES, lease_key, parse_lease_key
-from vaultsync.store.objectstore import ObjectStore
+from vaultsync.store.objectstore import ObjectMissingError, ObjectStore
 
 log = logging.getLogger("vaultsync.control.lease")
 
@@ -102,9 +102,12 @@ async def check_lease(store: ObjectStore, epoch: int) -> float:
     return began
 
 
-def lease_doc(epoch: int, from_lsn: int, source: str) -> dict[str, Any]:
+def lease_doc(epoch: int, from_lsn: int, source: str, site: str | None = None) -> dict[str, Any]:
+    """The lease of `epoch`; `site` names who takes it (§2.7: the holder of an epoch is
+    the site its lease names at a majority of the voters)."""
     return {
         "epoch": epoch,
+        "site": site or socket.gethostname(),
         "holder": socket.gethostname(),
         "from_target": source,
         "from_lsn": from_lsn,
@@ -115,3 +118,18 @@ def lease_doc(epoch: int, from_lsn: int, source: str) -> dict[str, Any]:
 async def take_lease(store: ObjectStore, doc: dict[str, Any]) -> bool:
     """Create the lease of doc["epoch"]; False if someone already holds that epoch."""
     return await store.create_if_absent(lease_key(doc["epoch"]), json.dumps(doc).encode())
+
+
+async def read_lease(store: ObjectStore, epoch: int) -> dict[str, Any] | None:
+    """The lease document of `epoch` at `store`, None if there is none or it is not one."""
+    try:
+        raw = await store.get(lease_key(epoch))
+    except ObjectMissingError:
+        return None
+    if len(raw) > 4096:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("epoch") == epoch else None

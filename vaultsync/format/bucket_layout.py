@@ -97,3 +97,17 @@ _RELOC_RE = re.compile(r"^relocations/([0-9a-f]{16})\.json$")
 def parse_relocation_key(key: str) -> int | None:
     m = _RELOC_RE.match(key)
     return int(m.group(1), 16) if m else None
+
+
+HEARTBEATS = "heartbeat/"
+_HEARTBEAT_RE = re.compile(r"^heartbeat/([0-9a-f]{16})\.json$")
+
+
+def heartbeat_key(epoch: int) -> str:
+    """The heartbeat of the writer of `epoch` (§2.7), rewritten at every renewal."""
+    return f"{HEARTBEATS}{epoch:016x}.json"
+
+
+def parse_heartbeat_key(key: str) -> int | None:
+    m = _HEARTBEAT_RE.match(key)
+    return int(m.group(1), 16) if m else None

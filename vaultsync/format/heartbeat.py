@@ -1,0 +1,64 @@
+"""The writer's heartbeat document, `heartbeat/<epoch>.json` (docs/format.md §2.7).
+
+A standby judges the writer alive by seeing this object change; the fields say
+who the writer is and the timing it keeps, so that a standby with another
+configuration judges it by the writer's own hold. Bucket contents are
+untrusted: decoding is bounded and every field is checked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vaultsync.errors import FormatError
+
+MAX_SIZE = 4096  # a heartbeat is a few hundred bytes; anything larger is not one
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    epoch: int
+    site: str
+    run: str  # random hex, new for each writer process
+    counter: int  # increases with every renewal of that process
+    hold: float
+    probation: float
+    heartbeat_every: float
+    written_ns: int  # informative only: liveness is never judged by comparing clocks
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: str) -> Heartbeat:
+        if len(raw) > MAX_SIZE:
+            raise FormatError(f"{where}: {len(raw)} bytes is not a heartbeat (at most {MAX_SIZE})")
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise FormatError(f"{where}: a heartbeat must be JSON") from None
+        if not isinstance(doc, dict):
+            raise FormatError(f"{where}: a heartbeat must be a JSON object")
+        return cls(
+            epoch=_field(doc, "epoch", int, where),
+            site=_field(doc, "site", str, where),
+            run=_field(doc, "run", str, where),
+            counter=_field(doc, "counter", int, where),
+            hold=float(_field(doc, "hold", (int, float), where)),
+            probation=float(_field(doc, "probation", (int, float), where)),
+            heartbeat_every=float(_field(doc, "heartbeat_every", (int, float), where)),
+            written_ns=_field(doc, "written_ns", int, where),
+        )
+
+
+def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = doc.get(name)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise FormatError(f"{where}: field {name!r} is missing or of the wrong type")
+    if isinstance(value, str) and len(value) > 256:
+        raise FormatError(f"{where}: field {name!r} is too long")
+    if isinstance(value, int | float) and not 0 <= value < 2**63:
+        raise FormatError(f"{where}: field {name!r} is out of range")
+    return value
