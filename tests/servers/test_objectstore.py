@@ -92,7 +92,9 @@ async def test_list_pages_through_many_objects(
         m.put_object(t.bucket, f"vol/many/{i:05d}", io.BytesIO(b"x"), 1)
     async with ObjectStore(t) as s:
         keys = [o.key async for o in s.list("many/")]
+        after = [o.key async for o in s.list("many/", start_after="many/00996")]
     assert keys == [f"many/{i:05d}" for i in range(1005)]
+    assert after == [f"many/{i:05d}" for i in range(997, 1005)]
 
 
 async def test_create_if_absent_never_overwrites(

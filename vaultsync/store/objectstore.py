@@ -395,13 +395,17 @@ class ObjectStore:
 
         return await self._call("head", key, go)
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        """Every object under `prefix` (relative), in key order, a page at a time."""
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
+        """Every object under `prefix` (relative), in key order, a page at a time; with
+        `start_after` (a relative key), only those after it: a follower asking for what
+        is new pays for the new keys, not for the whole history."""
         c = self._client
         full = self._key(prefix)
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.target.bucket, "Prefix": full}
+            if start_after:
+                kwargs["StartAfter"] = self._key(start_after)
             if token:
                 kwargs["ContinuationToken"] = token
 
