@@ -92,10 +92,10 @@ async def rig(tmp_path: Path, seaweedfs: LocalProvider) -> AsyncIterator[Rig]:
         r = Rig(vol, fs, store, sh, node.ino)
         real_list = store.list
 
-        def counting_list(prefix: str = "") -> Any:
+        def counting_list(prefix: str = "", start_after: str = "") -> Any:
             if prefix == LEASES:
                 r.lease_lists += 1
-            return real_list(prefix)
+            return real_list(prefix, start_after)
 
         store.list = counting_list  # type: ignore[method-assign]
         try:
