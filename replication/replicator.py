@@ -24,11 +24,10 @@ from vaultsync.config import Config, TargetConfig
 from vaultsync.control.lease import FencedError, check_lease, lease_window
 from vaultsync.engine.filesystem import FsError
 from vaultsync.engine.journal import Location
-from vaultsync.engine.volume import Volume
+from vaultsync.engine.replicated import ReplicatedVolume
 from vaultsync.format.bucket_layout import checkpoint_key
 from vaultsync.format.header import HEADER_KEY
 from vaultsync.format.state_layout import REPLICATION_STATUS, StateDir
-from vaultsync.replication.checkpoint import build_checkpoint
 from vaultsync.replication.fetch import fetch_chunk
 from vaultsync.replication.gc import GarbageCollector, GcError, GcReport
 from vaultsync.replication.health import Health
@@ -56,7 +55,7 @@ class Checkpoint:
 
 
 class Replicator:
-    def __init__(self, cfg: Config, vol: Volume) -> None:
+    def __init__(self, cfg: Config, vol: ReplicatedVolume) -> None:
         self.cfg = cfg
         self.vol = vol
         self.shippers: list[Shipper] = []
@@ -117,7 +116,7 @@ class Replicator:
             self._launch(sh, probe)
         self._tasks.append(asyncio.create_task(self._write_status_loop(), name="repl-status"))
         # Every target has the newest checkpoint that reached all of them (catalog meta).
-        at_all = int(self.vol.catalog.get_meta("checkpoint_lsn") or 0)
+        at_all = self.vol.checkpoint_lsn
         self._ckpt_sent = {s.name: at_all for s in self.shippers}
         if self.cfg.replication.checkpoint_every and self.shippers:
             self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="checkpoints"))
@@ -354,8 +353,8 @@ class Replicator:
     # -- checkpoints -------------------------------------------------------------------
     def _held_lsn(self, sh: Shipper) -> int:
         """The newest LSN `sh`'s target holds in whole segments (tails do not count)."""
-        row = self.vol.catalog.sealed_segment(sh.sealed_wm)
-        return int(row["last_lsn"] or 0) if row is not None else 0
+        row = self.vol.sealed_segment(sh.sealed_wm)
+        return int(row.last_lsn or 0) if row is not None else 0
 
     async def _build_checkpoint(self) -> Checkpoint | None:
         """An image of the catalog as it is now, its LSNs sealed so they ship at once.
@@ -366,8 +365,8 @@ class Replicator:
         """
         await self.vol.maybe_seal(force=True)
         await self.vol.sync(replicate=False)  # every sealed segment noted in the catalog
-        sealed_to = self.vol.last_lsn if not self.vol.journal.records else 0
-        built = await build_checkpoint(self.vol)
+        sealed_to = self.vol.last_lsn if self.vol.everything_sealed else 0
+        built = await self.vol.build_checkpoint()
         if built is None:
             return None
         lsn, when, body = built
@@ -397,8 +396,7 @@ class Replicator:
         # What every target has (or has something newer than) is needed no more.
         floor = min((self._ckpt_sent.get(s.name, 0) for s in self.shippers), default=0)
         self._ckpt_pending = [c for c in self._ckpt_pending if c.lsn > floor]
-        if floor > int(self.vol.catalog.get_meta("checkpoint_lsn") or 0):
-            self.vol.catalog.set_meta("checkpoint_lsn", floor)
+        if self.vol.advance_checkpoint_lsn(floor):
             log.info("checkpoint at LSN %d is at every target", floor)
 
     async def _send_one(self, sh: Shipper, c: Checkpoint, deadline: float | None) -> None:
@@ -423,7 +421,7 @@ class Replicator:
         every = self.cfg.replication.checkpoint_every
         interval = self.cfg.replication.checkpoint_interval
         check = self.cfg.replication.checkpoint_check
-        built = int(self.vol.catalog.get_meta("checkpoint_lsn") or 0)
+        built = self.vol.checkpoint_lsn
         last_built = time.monotonic()
         next_check = time.monotonic() + check
         while True:
