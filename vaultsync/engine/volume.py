@@ -760,8 +760,8 @@ class Volume:
 
     @property
     def journal_pos(self) -> tuple[int, int]:
-        """(open segment, bytes in it): where the journal is written up to, durable or not.
-        `durable_pos` catches up with it at each sync; only that far may be shipped."""
+        """(open segment, bytes in it): where the journal is written up to, durable or not
+        (`durable_pos` is where it is durable, and catches up at each sync)."""
         return (self.journal.segno, self.journal.size)
 
     @property
