@@ -22,7 +22,7 @@ from vaultsync.format.bucket_layout import segment_key
 from vaultsync.store.objectstore import StoreError
 
 if TYPE_CHECKING:
-    from vaultsync.engine.volume import Volume
+    from vaultsync.engine.replicated import ReplicatedVolume
     from vaultsync.replication.shipper import Shipper
 
 log = logging.getLogger("vaultsync.replication")
@@ -36,7 +36,9 @@ def _ordered(shippers: list[Shipper], segno: int) -> list[Shipper]:
     return sorted(have, key=lambda s: (_RANK[s.health.state], s.health.median_latency()))
 
 
-async def fetch_chunk(shippers: list[Shipper], vol: Volume, loc: Location, cid: bytes) -> bytes:
+async def fetch_chunk(
+    shippers: list[Shipper], vol: ReplicatedVolume, loc: Location, cid: bytes
+) -> bytes:
     bad: list[Shipper] = []
     errors = []
     for sh in _ordered(shippers, loc.segno):
@@ -46,7 +48,7 @@ async def fetch_chunk(shippers: list[Shipper], vol: Volume, loc: Location, cid: 
             base_id = seg.patch_base(rec)
             # A patch needs its base: read the usual way (locally, else from a target).
             base = await vol.read_chunk(base_id) if base_id is not None else None
-            data = vol.codec.decode_chunk(rec, expect_id=cid, base=base)
+            data = vol.decode_chunk(rec, cid, base)
         except (FormatError, CryptoError) as e:
             log.error("target %s holds a damaged copy of segment %d: %s", sh.name, loc.segno, e)
             bad.append(sh)
@@ -65,7 +67,7 @@ async def fetch_chunk(shippers: list[Shipper], vol: Volume, loc: Location, cid: 
     )
 
 
-async def _heal(vol: Volume, good: Shipper, bad: list[Shipper], segno: int) -> None:
+async def _heal(vol: ReplicatedVolume, good: Shipper, bad: list[Shipper], segno: int) -> None:
     """Copy a verified segment to the targets that had it damaged, and to the local journal."""
     try:
         data = await good.store.get(segment_key(segno))
@@ -74,8 +76,8 @@ async def _heal(vol: Volume, good: Shipper, bad: list[Shipper], segno: int) -> N
         for sh in bad:
             await sh.store.put(segment_key(segno), data)
             log.warning("healed segment %d at target %s from %s", segno, sh.name, good.name)
-        path = vol.journal.path(segno)
-        if segno != vol.journal.segno:
+        path = vol.segment_path(segno)
+        if segno != vol.journal_pos[0]:  # the open segment is never replaced
             local_ok = await asyncio.to_thread(_local_ok, vol, path, segno)
             if not local_ok:
                 await asyncio.to_thread(replace_segment_file, path, data)
@@ -84,7 +86,7 @@ async def _heal(vol: Volume, good: Shipper, bad: list[Shipper], segno: int) -> N
         log.error("could not heal segment %d: %s", segno, e)
 
 
-def _local_ok(vol: Volume, path: os.PathLike[str], segno: int) -> bool:
+def _local_ok(vol: ReplicatedVolume, path: os.PathLike[str], segno: int) -> bool:
     try:
         with open(path, "rb") as f:
             return seg.is_complete_segment(f.read(), vol.header.volume_id, segno)

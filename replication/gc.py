@@ -27,8 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from vaultsync.config import Config
+from vaultsync.engine.catalog_image import image_chunk_ids
 from vaultsync.engine.lowprio import in_background
+from vaultsync.engine.replicated import ReplicatedVolume
 from vaultsync.engine.volume import PreparedChunk, Volume
 from vaultsync.errors import VaultsyncError
 from vaultsync.format import segment as seg
@@ -51,7 +51,7 @@ from vaultsync.format.bucket_layout import (
     segment_key,
 )
 from vaultsync.format.state_layout import StateDir
-from vaultsync.format.txn import SetBlocks, Transaction
+from vaultsync.format.txn import SetBlocks
 from vaultsync.points.gcplan import SegmentRow, plan_segments, replay_segments
 from vaultsync.points.retention import Point, Retained, plan_retention
 from vaultsync.points.snapshots import SNAPSHOTS
@@ -95,7 +95,7 @@ def _ids(blob: bytes) -> set[bytes]:
 class GarbageCollector:
     def __init__(
         self,
-        vol: Volume,
+        vol: ReplicatedVolume,
         cfg: Config,
         stores: Sequence[ObjectStore],
         shipped: Callable[[], dict[str, int]],
@@ -148,32 +148,20 @@ class GarbageCollector:
         if body is None:
             raise GcError(f"checkpoint {key} could not be read from any target")
         rec = seg.decode_record(body, key)
-        image = await in_background(self.vol.codec.decode_checkpoint, rec)
-
-        def ids() -> bytes:
-            with tempfile.TemporaryDirectory(prefix="vaultsync-gc-") as tmp:
-                path = Path(tmp) / "image.db"
-                path.write_bytes(image)
-                db = sqlite3.connect(path)
-                try:
-                    rows = db.execute("SELECT DISTINCT chunk FROM blocks")
-                    return b"".join(bytes(r[0]) for r in rows)
-                finally:
-                    db.close()
-
-        blob = await in_background(ids)
+        image = await in_background(self.vol.decode_checkpoint, rec)
+        found = await in_background(image_chunk_ids, image)
         self.cache.mkdir(exist_ok=True)
         tmpf = cached.with_suffix(".tmp")
-        tmpf.write_bytes(blob)
+        tmpf.write_bytes(b"".join(found))
         tmpf.replace(cached)
-        return _ids(blob)
+        return found
 
     def _segment_refs(self, segno: int, sealed: bool) -> set[bytes]:
         """Chunk ids the transactions of a local segment refer to (cached once sealed)."""
         cached = self.cache / f"seg-{segno:016x}.ids"
         if sealed and cached.exists():
             return _ids(cached.read_bytes())
-        path = self.vol.journal.path(segno)
+        path = self.vol.segment_path(segno)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -189,7 +177,7 @@ class GarbageCollector:
                 if base is not None:
                     out.add(base)
             elif rec.type is seg.RecordType.TXN:
-                for op in Transaction.decode(self.vol.codec.decode_txn(rec)).ops:
+                for op in self.vol.decode_txn(rec).ops:
                     if isinstance(op, SetBlocks):
                         out.update(bytes.fromhex(b[1]) for b in op.blocks if b[1])
         if sealed:
@@ -227,11 +215,7 @@ class GarbageCollector:
             {"from_lsn": r.base.lsn, "to_lsn": r.upto} for r in retained.ranges
         ]
 
-        rows = [
-            SegmentRow(s["segno"], s["first_lsn"], s["last_lsn"], s["size"])
-            for s in vol.catalog.segments()
-            if s["sealed"]
-        ]
+        rows = [SegmentRow(s.segno, s.first_lsn, s.last_lsn, s.size) for s in vol.sealed_segments()]
         marks = self.shipped()
         shipped_upto = min(marks.values()) if marks else max((r.segno for r in rows), default=0)
         newest_sealed = max((r.segno for r in rows), default=0)
@@ -240,19 +224,19 @@ class GarbageCollector:
         for p in retained.points:
             live |= await self._image_ids(p)
         whole = replay_segments(rows, retained.ranges)
-        replayed = sorted(whole) + [n for n in vol.journal.segment_numbers() if n > newest_sealed]
+        replayed = sorted(whole) + [n for n in vol.local_segments() if n > newest_sealed]
         for n in replayed:
             live |= await in_background(self._segment_refs, n, n <= newest_sealed)
-        live |= {bytes(r[0]) for r in vol.catalog.db.execute("SELECT DISTINCT chunk FROM blocks")}
+        live |= vol.tree_chunks()
         # A live patch needs its base (format §6.3); bases are whole chunks, so one step.
-        live |= {base for pid, base in vol.catalog.patch_bases() if pid in live}
+        live |= {base for pid, base in vol.patch_bases() if pid in live}
         report.live_chunks = len(live)
 
         candidates = [r for r in rows if r.segno not in whole and r.segno <= shipped_upto]
         live_bytes: dict[int, int] = {}
         garbage: dict[int, list[bytes]] = {}
         for r in candidates:
-            held = vol.catalog.chunks_in(r.segno)
+            held = vol.chunks_in(r.segno)
             live_bytes[r.segno] = sum(n for cid, _o, n in held if cid in live)
             garbage[r.segno] = [cid for cid, _o, _n in held if cid not in live]
         plan = plan_segments(
@@ -276,22 +260,21 @@ class GarbageCollector:
         watched = vol.gc_watch or set()
         for n in plan.delete + plan.compact:
             drop = [c for c in garbage[n] if c not in watched]
-            still = vol.catalog.referenced(drop)
-            report.chunks_dropped += vol.catalog.drop_chunks(n, [c for c in drop if c not in still])
+            report.chunks_dropped += vol.drop_garbage(n, drop)
         vol.gc_watch = None
-        vol.catalog.commit()
+        vol.commit_catalog()
 
         if plan.compact:
             report.chunks_moved = await self._compact(plan.compact)
             report.segments_compacted = plan.compact
             await vol.sync(replicate=False)
-            moved_to = vol.journal.segno
+            moved_to = vol.journal_pos[0]
             await vol.maybe_seal(force=True)
             if self.wait_shipped is not None:
                 await self.wait_shipped(moved_to, 120.0)
 
         marks = self.shipped()
-        shipped_upto = min(marks.values()) if marks else max(vol.journal.segno - 1, 0)
+        shipped_upto = min(marks.values()) if marks else max(vol.journal_pos[0] - 1, 0)
         sizes = {r.segno: r.size for r in rows}
         for n in sorted(plan.delete + plan.compact):
             if await self._delete_segment(n, shipped_upto):
@@ -299,7 +282,7 @@ class GarbageCollector:
                 report.bytes_deleted += sizes[n]
             else:
                 report.waiting.append(n)
-        vol.catalog.commit()
+        vol.commit_catalog()
         report.checkpoints_dropped = await self._drop_checkpoints(per_target, retained)
         report.relocations_dropped = await self._drop_relocations(retained)
 
@@ -308,8 +291,8 @@ class GarbageCollector:
         vol = self.vol
         moved = 0
         for n in segnos:
-            held = vol.catalog.chunks_in(n)
-            path = vol.journal.path(n)
+            held = vol.chunks_in(n)
+            path = vol.segment_path(n)
             try:
                 data = await in_background(path.read_bytes)
             except FileNotFoundError:
@@ -333,9 +316,9 @@ class GarbageCollector:
     async def _delete_segment(self, segno: int, shipped_upto: int) -> bool:
         """Delete a segment that holds nothing live, leaving where its moved chunks went."""
         vol = self.vol
-        if vol.catalog.chunks_in(segno):
+        if vol.chunks_in(segno):
             return False  # something still lives there (a compaction that did not happen)
-        path = vol.journal.path(segno)
+        path = vol.segment_path(segno)
         try:
             data = await in_background(path.read_bytes)
         except FileNotFoundError:
@@ -351,7 +334,7 @@ class GarbageCollector:
             for _off, rec in seg.scan_segment(data, f"segment {segno}").records:
                 if rec.type is not seg.RecordType.CHUNK:
                     continue
-                loc = vol.catalog.chunk_location(rec.payload[:_ID])
+                loc = vol.chunk_location(rec.payload[:_ID])
                 if loc is None or loc.segno == segno:
                     continue
                 if loc.segno > shipped_upto:
@@ -367,7 +350,7 @@ class GarbageCollector:
             await st.delete(segment_key(segno))
         path.unlink(missing_ok=True)
         (self.cache / f"seg-{segno:016x}.ids").unlink(missing_ok=True)
-        vol.catalog.forget_segment(segno)
+        vol.forget_segment(segno)
         return True
 
     def _dropped(
@@ -459,7 +442,7 @@ async def gc_unmounted(cfg: Config, passphrase: str | None, dry_run: bool) -> Gc
         v.state_dir, passphrase, segment_size=v.segment_size, segment_max_age=v.segment_max_age
     )
     try:
-        marks = {name: wm[0] for name, wm in vol.catalog.watermarks().items()}
+        marks = {name: wm[0] for name, wm in vol.watermarks().items()}
         async with open_stores(cfg, max_attempts=3) as stores:
             collector = GarbageCollector(
                 vol, cfg, stores, lambda: {t.name: marks.get(t.name, 0) for t in cfg.targets}

@@ -1,10 +1,13 @@
-"""All targets of a mounted volume: shippers, health probes, the fsync barrier, status.
+"""All targets of a mounted volume: shippers, health probes, the fsync barrier, GC, status.
 
 The barrier is what makes a synchronous target synchronous: `Volume.sync()`
 calls it after the local fsync, and it returns once `quorum` of the sync
 targets that count hold the durable journal position. A sync target counts
 unless its policy is `degrade` and it is down or still catching up; with
 `block` it always counts, and fsync fails with EIO after `block_timeout`.
+
+The replicator wires the parts together; when checkpoints are built and where
+they go is checkpoints.py's.
 """
 
 from __future__ import annotations
@@ -17,18 +20,16 @@ import logging
 import os
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import Any
 
 from vaultsync.config import Config, TargetConfig
 from vaultsync.control.lease import FencedError, check_lease, lease_window
 from vaultsync.engine.filesystem import FsError
 from vaultsync.engine.journal import Location
-from vaultsync.engine.volume import Volume
-from vaultsync.format.bucket_layout import checkpoint_key
+from vaultsync.engine.replicated import ReplicatedVolume
 from vaultsync.format.header import HEADER_KEY
 from vaultsync.format.state_layout import REPLICATION_STATUS, StateDir
-from vaultsync.replication.checkpoint import build_checkpoint
+from vaultsync.replication.checkpoints import FINAL_CHECKPOINT_TIMEOUT, Checkpoints
 from vaultsync.replication.fetch import fetch_chunk
 from vaultsync.replication.gc import GarbageCollector, GcError, GcReport
 from vaultsync.replication.health import Health
@@ -37,26 +38,9 @@ from vaultsync.store.objectstore import ObjectStore, StoreError
 
 log = logging.getLogger("vaultsync.replication")
 
-# Checkpoints kept for targets that have not caught up to them yet.
-MAX_PENDING_CHECKPOINTS = 3
-# Seconds a clean unmount spends on its final checkpoint before giving up on a target.
-FINAL_CHECKPOINT_TIMEOUT = 20.0
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    lsn: int
-    time_ns: int
-    body: bytes
-    # The image's segment table lists every segment holding an LSN up to `lsn` as
-    # sealed. Not so when transactions committed while the image was read were still
-    # in the open segment: recovery from it then reads that segment once more (it
-    # applies nothing from it); a clean unmount replaces such an image.
-    complete: bool = True
-
 
 class Replicator:
-    def __init__(self, cfg: Config, vol: Volume) -> None:
+    def __init__(self, cfg: Config, vol: ReplicatedVolume) -> None:
         self.cfg = cfg
         self.vol = vol
         self.shippers: list[Shipper] = []
@@ -68,13 +52,7 @@ class Replicator:
         self.gc: GarbageCollector | None = None
         self.gc_now = asyncio.Event()  # set by SIGUSR1 (`vaultsync gc` on a mounted volume)
         self.gc_last: dict[str, Any] | None = None
-        # Checkpoints built and not yet at every target, oldest first; and per target
-        # the LSN of the newest checkpoint uploaded there by this process.
-        self._ckpt_pending: list[Checkpoint] = []
-        self._ckpt_sent: dict[str, int] = {}
-        self._ckpt_incomplete: dict[str, int] = {}  # target -> LSN of an incomplete image sent
-        self._ckpt_wake = asyncio.Event()
-        self._ckpt_lock = asyncio.Lock()  # one builder or sender at a time
+        self.checkpoints = Checkpoints(cfg, vol, self.shippers)
 
     async def _open_target(self, t: TargetConfig) -> None:
         """A shipper (and its health probe) for one target; started by `_launch`."""
@@ -116,11 +94,9 @@ class Replicator:
         for sh, probe in zip(self.shippers, self._probe_stores, strict=True):
             self._launch(sh, probe)
         self._tasks.append(asyncio.create_task(self._write_status_loop(), name="repl-status"))
-        # Every target has the newest checkpoint that reached all of them (catalog meta).
-        at_all = int(self.vol.catalog.get_meta("checkpoint_lsn") or 0)
-        self._ckpt_sent = {s.name: at_all for s in self.shippers}
+        self.checkpoints.resume()
         if self.cfg.replication.checkpoint_every and self.shippers:
-            self._tasks.append(asyncio.create_task(self._checkpoint_loop(), name="checkpoints"))
+            self._tasks.append(asyncio.create_task(self.checkpoints.run(), name="checkpoints"))
         self.gc = GarbageCollector(
             self.vol,
             self.cfg,
@@ -187,12 +163,13 @@ class Replicator:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
                 self._tasks.remove(task)
-            self._ckpt_sent.pop(name, None)
+            self.checkpoints.forget(name)
             i = self.shippers.index(sh)
             del self.shippers[i]
             del self._probe_stores[i]
         added = [t for t in cfg.targets if t.name not in old]
         self.cfg = cfg
+        self.checkpoints.cfg = cfg
         for t in added:
             await self._open_target(t)
             self._launch(self.shippers[-1], self._probe_stores[-1])
@@ -216,6 +193,10 @@ class Replicator:
             if not pending:
                 return
             await asyncio.sleep(0.1)
+
+    async def final_checkpoint(self, timeout: float = FINAL_CHECKPOINT_TIMEOUT) -> list[str]:
+        """At clean unmount, after `drain`: see `Checkpoints.final`."""
+        return await self.checkpoints.final(timeout)
 
     async def stop(self) -> None:
         self.vol.replicate = None
@@ -253,8 +234,7 @@ class Replicator:
 
     def _progress(self) -> None:
         self._changed.set()
-        if self._ckpt_pending:  # a target may now hold one; otherwise the loop's own timer
-            self._ckpt_wake.set()
+        self.checkpoints.progress()
 
     def _fenced(self, reason: str) -> None:
         if not self.vol.fenced:
@@ -350,170 +330,6 @@ class Replicator:
             interval = self.cfg.replication.probe_interval
             pause = interval if sh.health.state == "healthy" else min(interval, 1.0)
             await asyncio.sleep(min(pause, lease_window() / 3))
-
-    # -- checkpoints -------------------------------------------------------------------
-    def _held_lsn(self, sh: Shipper) -> int:
-        """The newest LSN `sh`'s target holds in whole segments (tails do not count)."""
-        row = self.vol.catalog.sealed_segment(sh.sealed_wm)
-        return int(row["last_lsn"] or 0) if row is not None else 0
-
-    async def _build_checkpoint(self) -> Checkpoint | None:
-        """An image of the catalog as it is now, its LSNs sealed so they ship at once.
-
-        Sealing first means the image's last LSN is in a sealed segment that the
-        shippers are already sending, so each target can take the checkpoint as
-        soon as it has that segment, not after the open one fills or ages out.
-        """
-        await self.vol.maybe_seal(force=True)
-        await self.vol.sync(replicate=False)  # every sealed segment noted in the catalog
-        sealed_to = self.vol.last_lsn if not self.vol.journal.records else 0
-        built = await build_checkpoint(self.vol)
-        if built is None:
-            return None
-        lsn, when, body = built
-        return Checkpoint(lsn, when, body, complete=lsn <= sealed_to)
-
-    async def _send_checkpoints(self, deadline: float | None = None) -> None:
-        """Upload to each target the newest pending checkpoint it can take now.
-
-        INVARIANT: a checkpoint at a target never references an LSN that target
-        does not hold. A checkpoint of LSN L goes to a target only once the
-        target has acknowledged whole segments up to one whose last LSN is >= L
-        (`_held_lsn`); with the prefix rule (docs/format.md §2.1) the target then
-        holds every transaction up to L and every chunk they refer to. A target
-        that is down or behind is skipped and gets a newer checkpoint later; it
-        never holds up the others.
-        """
-        jobs = []
-        for sh in self.shippers:
-            if sh.health.state == "down":
-                continue
-            held, sent = self._held_lsn(sh), self._ckpt_sent.get(sh.name, 0)
-            fit = [c for c in self._ckpt_pending if sent < c.lsn <= held]
-            if fit:
-                jobs.append(self._send_one(sh, fit[-1], deadline))
-        if jobs:
-            await asyncio.gather(*jobs)
-        # What every target has (or has something newer than) is needed no more.
-        floor = min((self._ckpt_sent.get(s.name, 0) for s in self.shippers), default=0)
-        self._ckpt_pending = [c for c in self._ckpt_pending if c.lsn > floor]
-        if floor > int(self.vol.catalog.get_meta("checkpoint_lsn") or 0):
-            self.vol.catalog.set_meta("checkpoint_lsn", floor)
-            log.info("checkpoint at LSN %d is at every target", floor)
-
-    async def _send_one(self, sh: Shipper, c: Checkpoint, deadline: float | None) -> None:
-        put = sh.store.put_new(checkpoint_key(c.lsn, c.time_ns), c.body)
-        try:
-            if deadline is None:
-                await put
-            else:
-                await asyncio.wait_for(put, max(0.0, deadline - time.monotonic()))
-        except (StoreError, TimeoutError) as e:
-            log.warning("checkpoint at LSN %d did not reach target %s: %s", c.lsn, sh.name, e)
-            return
-        self._ckpt_sent[sh.name] = c.lsn
-        if not c.complete:
-            self._ckpt_incomplete[sh.name] = c.lsn
-
-    async def _checkpoint_loop(self) -> None:
-        """Build a checkpoint every `checkpoint_every` transactions (or `checkpoint_interval`
-        seconds), deciding every `checkpoint_check` seconds (an image copies the whole
-        catalog); hand pending ones to the targets as soon as they hold their LSN: the
-        loop also wakes on every shipper's progress."""
-        every = self.cfg.replication.checkpoint_every
-        interval = self.cfg.replication.checkpoint_interval
-        check = self.cfg.replication.checkpoint_check
-        built = int(self.vol.catalog.get_meta("checkpoint_lsn") or 0)
-        last_built = time.monotonic()
-        next_check = time.monotonic() + check
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._ckpt_wake.wait(), max(0.0, next_check - time.monotonic())
-                )
-            self._ckpt_wake.clear()
-            if self.vol.fenced:
-                return
-            try:
-                async with self._ckpt_lock:
-                    now = time.monotonic()
-                    if now >= next_check:
-                        next_check = now + check
-                        news = self.vol.last_lsn - built
-                        if news >= every or (
-                            interval and news > 0 and now - last_built >= interval
-                        ):
-                            c = await self._build_checkpoint()
-                            last_built = time.monotonic()
-                            if c is not None:
-                                built = c.lsn
-                                self._add_pending(c)
-                    if self._ckpt_pending:
-                        await self._send_checkpoints()
-            except Exception:
-                log.exception("checkpoint failed; will retry")
-
-    async def _replace_incomplete(self, stale: list[Shipper], lsn: int, deadline: float) -> None:
-        """The targets' checkpoint of the last LSN was taken with its segment still open:
-        the same point again, now that nothing moves, under the same key (both images
-        are the catalog as of that LSN, so a reader gets a valid one either way)."""
-        c = await self._build_checkpoint()
-        if c is None or c.lsn != lsn or not c.complete:
-            return
-
-        async def one(sh: Shipper) -> None:
-            put = sh.store.put(checkpoint_key(c.lsn, c.time_ns), c.body)
-            try:
-                await asyncio.wait_for(put, max(0.0, deadline - time.monotonic()))
-            except (StoreError, TimeoutError) as e:
-                log.warning("checkpoint at LSN %d not refreshed at %s: %s", lsn, sh.name, e)
-                return
-            self._ckpt_incomplete.pop(sh.name, None)
-
-        await asyncio.gather(*(one(sh) for sh in stale))
-
-    def _add_pending(self, c: Checkpoint) -> None:
-        # A target far behind keeps an older one to catch up to; at most a few are kept.
-        self._ckpt_pending = [*self._ckpt_pending, c][-MAX_PENDING_CHECKPOINTS:]
-
-    async def final_checkpoint(self, timeout: float = FINAL_CHECKPOINT_TIMEOUT) -> list[str]:
-        """At clean unmount, after the final shipping: a checkpoint of the last LSN at every
-        target that holds it, so recovery from there replays nothing. Bounded by
-        `timeout` (a dead or slow target is skipped, never waited for); returns the
-        names of the targets that have a checkpoint of the last LSN."""
-        if not self.cfg.replication.checkpoint_every or not self.shippers or self.vol.fenced:
-            return []
-        deadline = time.monotonic() + timeout
-        lsn = self.vol.last_lsn
-
-        async def go() -> None:
-            async with self._ckpt_lock:
-                owed = any(self._ckpt_sent.get(s.name, 0) < lsn for s in self.shippers)
-                if lsn and owed and not any(c.lsn == lsn for c in self._ckpt_pending):
-                    c = await self._build_checkpoint()
-                    if c is not None:
-                        self._add_pending(c)
-                if self._ckpt_pending:
-                    await self._send_checkpoints(deadline)
-                stale = [s for s in self.shippers if self._ckpt_incomplete.get(s.name) == lsn]
-                if stale:
-                    await self._replace_incomplete(stale, lsn, deadline)
-
-        try:
-            await asyncio.wait_for(go(), timeout)
-        except TimeoutError:
-            log.warning("final checkpoint: gave up after %.0fs", timeout)
-        except Exception:
-            log.exception("final checkpoint failed")
-        done = [s.name for s in self.shippers if self._ckpt_sent.get(s.name, 0) >= lsn]
-        late = [s.name for s in self.shippers if s.name not in done]
-        if late:
-            log.warning(
-                "no final checkpoint at target(s) %s (down or behind); recovery there "
-                "replays the segments after their newest checkpoint",
-                ", ".join(late),
-            )
-        return done
 
     # -- status --------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

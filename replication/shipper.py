@@ -37,8 +37,9 @@ from typing import Any
 
 from vaultsync.config import TargetConfig
 from vaultsync.control.lease import FencedError, check_lease, lease_clock, lease_window
+from vaultsync.engine.catalog import SealedSegment
 from vaultsync.engine.lowprio import in_background
-from vaultsync.engine.volume import Volume
+from vaultsync.engine.replicated import ReplicatedVolume
 from vaultsync.format.bucket_layout import (
     contiguous_end,
     parse_tail_key,
@@ -65,7 +66,7 @@ class ShipperStats:
 class Shipper:
     target: TargetConfig
     store: ObjectStore
-    vol: Volume
+    vol: ReplicatedVolume
     health: Health = field(default_factory=Health)
     sealed_wm: int = 0  # every segment up to this number is at the target
     acked_lsn: int = 0  # newest LSN the target holds (whole segments or tails)
@@ -111,13 +112,11 @@ class Shipper:
     def lag(self) -> dict[str, Any]:
         """How far behind the target is: LSNs, bytes of journal, and seconds since the
         oldest transaction it lacks was committed."""
-        segs = [
-            s for s in self.vol.catalog.segments() if s["sealed"] and s["segno"] > self.sealed_wm
-        ]
-        jseg, jsize = self.vol.journal.segno, self.vol.journal.size
+        segs = [s for s in self.vol.sealed_segments() if s.segno > self.sealed_wm]
+        jseg, jsize = self.vol.journal_pos
         open_start = self.tail_off if jseg == self.sealed_wm + 1 else HEADER_SIZE
         lag_lsn = max(0, self.vol.last_lsn - self.acked_lsn)
-        lag_bytes = sum(s["size"] for s in segs) + max(0, jsize - max(open_start, HEADER_SIZE))
+        lag_bytes = sum(s.size for s in segs) + max(0, jsize - max(open_start, HEADER_SIZE))
         since = self.vol.committed_at(self.acked_lsn + 1) if lag_lsn else None
         return {
             "lag_lsn": lag_lsn,
@@ -132,20 +131,20 @@ class Shipper:
 
     # -- the loop --------------------------------------------------------------------
     async def resume(self) -> None:
-        wm = self.vol.catalog.watermarks().get(self.name)
+        wm = self.vol.watermarks().get(self.name)
         if wm is not None:
             self.sealed_wm, self.acked_lsn = wm[0], wm[1]
         # GC deleted the oldest segments everywhere: a new target starts after them.
-        first = next((s["segno"] for s in self.vol.catalog.segments() if s["sealed"]), None)
+        first = next((s.segno for s in self.vol.sealed_segments()), None)
         if first is not None and self.sealed_wm < first - 1:
             self.sealed_wm = first - 1
         # An upload acknowledged just before a crash is not in the catalog yet.
         while self._sealed_row(self.sealed_wm + 1) is not None:
             info = await self.store.head(segment_key(self.sealed_wm + 1))
             row = self._sealed_row(self.sealed_wm + 1)
-            if info is None or row is None or info.size != row["size"]:
+            if info is None or row is None or info.size != row.size:
                 break
-            self._advance_sealed(self.sealed_wm + 1, row["last_lsn"] or self.acked_lsn)
+            self._advance_sealed(self.sealed_wm + 1, row.last_lsn or self.acked_lsn)
         pieces = []
         damaged = []
         async for o in self.store.list(tail_prefix(self.sealed_wm + 1)):
@@ -160,7 +159,7 @@ class Shipper:
             await self.store.delete_many(damaged)
         # Pieces may run past what survived here (uploaded in parallel with an fsync
         # that a power cut undid); the journal will write other bytes there, so they go.
-        jseg, jsize = self.vol.journal.segno, self.vol.journal.size
+        jseg, jsize = self.vol.journal_pos
         beyond = [(a, b) for a, b in pieces if jseg != self.sealed_wm + 1 or b > jsize]
         for a, b in beyond:
             await self.store.delete(tail_key(self.sealed_wm + 1, a, b))
@@ -200,17 +199,17 @@ class Shipper:
             return
         await self.check_lease()
 
-    def _sealed_row(self, segno: int) -> dict[str, Any] | None:
-        return self.vol.catalog.sealed_segment(segno)
+    def _sealed_row(self, segno: int) -> SealedSegment | None:
+        return self.vol.sealed_segment(segno)
 
     def _advance_sealed(self, segno: int, last_lsn: int) -> None:
         self.sealed_wm = segno
         self.acked_lsn = max(self.acked_lsn, last_lsn)
-        self.vol.catalog.set_watermark(self.name, segno, self.acked_lsn, time.time_ns())
+        self.vol.set_watermark(self.name, segno, self.acked_lsn)
 
     async def _read_async(self, segno: int, start: int, end: int | None) -> bytes:
         # A small tail is in the page cache: a thread hop would cost more than the read.
-        read = self.vol.journal.read_range
+        read = self.vol.read_segment
         if end is not None and end - start <= 256 * 1024:
             return read(segno, start, end)
         return await in_background(read, segno, start, end)
@@ -233,7 +232,7 @@ class Shipper:
                 await self._vouch(lease_clock(), rule_a=False)
             self._uploaded(len(data), latency)
             had_tail = self.tail_off > 0
-            self._advance_sealed(nxt, row["last_lsn"] or self.acked_lsn)
+            self._advance_sealed(nxt, row.last_lsn or self.acked_lsn)
             self.tail_off = 0
             if had_tail:
                 # Redundant now (format §2.2); deleting them must not hold up the next fsync.

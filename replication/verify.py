@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import sqlite3
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vaultsync.config import Config
+from vaultsync.engine.catalog import read_only
 from vaultsync.engine.journal import replace_segment_file, segment_name
 from vaultsync.engine.volume import has_volume, read_local_header
 from vaultsync.errors import VolumeError
@@ -55,16 +55,10 @@ class VerifyReport:
 
 def _expected(state_dir: Path) -> tuple[list[tuple[int, int]], dict[str, int]]:
     """Sealed segments (number, size) and each target's watermark, from the catalog."""
-    db = sqlite3.connect(f"file:{StateDir(state_dir).catalog}?mode=ro", uri=True)
-    try:
-        segs = [
-            (int(r[0]), int(r[1]))
-            for r in db.execute("SELECT segno, size FROM segments WHERE sealed=1 ORDER BY segno")
-        ]
-        wms = {str(r[0]): int(r[1]) for r in db.execute("SELECT target, segno FROM watermarks")}
+    with read_only(StateDir(state_dir).catalog) as cat:
+        segs = [(s.segno, s.size) for s in cat.sealed_segments()]
+        wms = {target: wm[0] for target, wm in cat.watermarks().items()}
         return segs, wms
-    finally:
-        db.close()
 
 
 def _read_local(state_dir: Path, segno: int) -> bytes | None:

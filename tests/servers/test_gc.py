@@ -49,7 +49,6 @@ from vaultsync.points.recovery import (
     rebuild,
 )
 from vaultsync.points.snapshots import create_snapshot, delete_snapshot
-from vaultsync.replication.checkpoint import build_checkpoint
 from vaultsync.replication.gc import GcReport
 from vaultsync.replication.replicator import Replicator
 from vaultsync.store.objectstore import ObjectStore
@@ -142,7 +141,7 @@ class Writer:
 
     async def checkpoint(self) -> None:
         await self.vol.maybe_seal(force=True)
-        built = await build_checkpoint(self.vol)
+        built = await self.vol.build_checkpoint()
         assert built is not None
         lsn, when, body = built
         assert await self.repl.wait_shipped(self.vol.journal.segno - 1, 60)

@@ -60,24 +60,10 @@ ALLOWED_PRIVATE: set[tuple[str, str]] = {
     ("vaultsync.commands.targets_admin", "vaultsync.control.status._live_replication"),
     ("vaultsync.replication.migrate", "vaultsync.store.targets._foreign"),
 }
-ALLOWED_SQL: set[str] = {
-    "vaultsync.control.salvage",
-    "vaultsync.control.status",
-    "vaultsync.points.recovery",
-    "vaultsync.points.snapshots",
-    "vaultsync.replication.checkpoint",
-    "vaultsync.replication.gc",
-    "vaultsync.replication.verify",
-}
+ALLOWED_SQL: set[str] = set()
 ALLOWED_INTERNALS: set[str] = {
     "vaultsync.fuse.operations",
     "vaultsync.api.point_views",
-    "vaultsync.replication.replicator",
-    "vaultsync.replication.gc",
-    "vaultsync.replication.shipper",
-    "vaultsync.replication.checkpoint",
-    "vaultsync.replication.fetch",
-    "vaultsync.control.salvage",
 }
 ALLOWED_LONG: set[str] = {"vaultsync.engine.filesystem", "vaultsync.engine.volume"}
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 from vaultsync.config import Config
 from vaultsync.engine.filesystem import FileSystem, FsError
-from vaultsync.engine.volume import ROOT_INO, Volume, has_volume
+from vaultsync.engine.volume import Volume, has_volume
 from vaultsync.errors import VolumeError
-from vaultsync.format import segment as seg
-from vaultsync.format.txn import DropDirent, SetBlocks, SetDirent, SetInode, SetXattr, Transaction
+from vaultsync.format.txn import DropDirent, SetBlocks, SetDirent, SetInode, SetXattr
 
 
 @dataclass
@@ -29,20 +28,6 @@ class SalvageReport:
     files: list[tuple[str, int]] = field(default_factory=list)  # (path, size)
     gone: int = 0  # touched inodes that no longer exist here
     copied: int = 0
-
-
-def _path_of(fs: FileSystem, ino: int) -> str | None:
-    parts: list[bytes] = []
-    seen = 0
-    while ino != ROOT_INO:
-        row = fs.cat.db.execute(
-            "SELECT parent, name FROM dirents WHERE ino=? LIMIT 1", (ino,)
-        ).fetchone()
-        if row is None or seen > 4096:
-            return None
-        parts.append(bytes(row[1]))
-        ino, seen = int(row[0]), seen + 1
-    return "/" + "/".join(os.fsdecode(p) for p in reversed(parts))
 
 
 async def salvage(cfg: Config, passphrase: str | None, out: Path | None = None) -> SalvageReport:
@@ -63,14 +48,12 @@ async def salvage(cfg: Config, passphrase: str | None, out: Path | None = None) 
 
 
 async def _salvage(vol: Volume, out: Path | None) -> SalvageReport:
-    marks = vol.catalog.watermarks()
+    marks = vol.watermarks()
     shipped = max((lsn for _seg, lsn, _t in marks.values()), default=0)
     report = SalvageReport(shipped, vol.last_lsn)
     touched: set[int] = set()
-    for _loc, rec in vol.journal.iter_committed(shipped):
-        if rec.type is not seg.RecordType.TXN:
-            continue
-        for op in Transaction.decode(vol.codec.decode_txn(rec)).ops:
+    for txn in vol.transactions_after(shipped):
+        for op in txn.ops:
             if isinstance(op, SetBlocks | SetInode | SetXattr | SetDirent):
                 touched.add(op.ino)
             elif isinstance(op, DropDirent):
@@ -84,10 +67,11 @@ async def _salvage(vol: Volume, out: Path | None) -> SalvageReport:
             continue
         if not stat.S_ISREG(node.mode):
             continue
-        path = _path_of(fs, ino)
-        if path is None:
+        names = vol.path_of(ino)
+        if names is None:
             report.gone += 1
             continue
+        path = "/" + "/".join(os.fsdecode(n) for n in names)
         report.files.append((path, node.size))
         if out is not None:
             dest = out / path.lstrip("/")

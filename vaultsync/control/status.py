@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 from vaultsync.config import Config
 from vaultsync.control.lease import current_epoch
+from vaultsync.engine.catalog import read_only
 from vaultsync.engine.volume import has_volume, read_local_header
 from vaultsync.format.header import VolumeHeader
 from vaultsync.format.state_layout import StateDir
@@ -24,28 +24,19 @@ from vaultsync.store.targets import open_stores, probe_target
 
 
 def _catalog_numbers(state_dir: Path) -> dict[str, Any]:
-    path = StateDir(state_dir).catalog
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        q = db.execute
-
-        def one(sql: str) -> Any:
-            row = q(sql).fetchone()
-            return row[0] if row else None
-
+    with read_only(StateDir(state_dir).catalog) as cat:
+        counts = cat.counts(("inodes", "chunks"))
         return {
-            "last_lsn": int(one("SELECT value FROM meta WHERE key='last_lsn'") or 0),
-            "epoch": int(one("SELECT value FROM meta WHERE key='epoch'") or 0),
-            "inodes": one("SELECT count(*) FROM inodes"),
-            "chunks": one("SELECT count(*) FROM chunks"),
-            "sealed_segments": one("SELECT count(*) FROM segments WHERE sealed=1"),
+            "last_lsn": cat.last_lsn(),
+            "epoch": int(cat.get_meta("epoch") or 0),
+            "inodes": counts["inodes"],
+            "chunks": counts["chunks"],
+            "sealed_segments": len(cat.sealed_segments()),
             "watermarks": {
-                r[0]: {"segno": r[1], "lsn": r[2], "updated_ns": r[3]}
-                for r in q("SELECT target, segno, lsn, updated_ns FROM watermarks")
+                target: {"segno": segno, "lsn": lsn, "updated_ns": when}
+                for target, (segno, lsn, when) in cat.watermarks().items()
             },
         }
-    finally:
-        db.close()
 
 
 async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:

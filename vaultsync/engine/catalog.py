@@ -23,6 +23,10 @@ short; since nothing awaits between the statements of an update, no other
 coroutine can observe or interleave with a half-applied transaction.
 SQLite runs with synchronous=NORMAL: a power cut may lose the newest catalog
 commits, which replay from the journal on the next open.
+
+Every SQL statement of the product is in this module and in catalog_image.py
+(the catalog as a checkpoint holds it); other code asks these methods. Other
+processes read a catalog file through `read_only`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +127,17 @@ class StoredChunk:
     def of(cls, rec: Record, location: Location) -> StoredChunk:
         """The catalog row a CHUNK record makes, wherever it was read or written."""
         return cls(rec.payload[:CHUNK_ID_SIZE], location, rec.lsn, patch_base(rec))
+
+
+@dataclass(frozen=True)
+class SealedSegment:
+    """A segment that takes no more records: what a shipper uploads whole."""
+
+    segno: int
+    first_lsn: int | None  # None: it holds no transaction
+    last_lsn: int | None
+    size: int
+    sealed_ns: int | None
 
 
 def _upgrade(db: sqlite3.Connection) -> None:
@@ -432,6 +447,10 @@ class Catalog:
             found.update(bytes(r[0]) for r in self.db.execute(q, part))
         return found
 
+    def tree_chunks(self) -> set[bytes]:
+        """Every chunk a block of the current tree refers to (not the bases of patches)."""
+        return {bytes(r[0]) for r in self.db.execute("SELECT DISTINCT chunk FROM blocks")}
+
     def drop_chunks(self, segno: int, ids: Iterable[bytes]) -> int:
         """Forget chunks GC found garbage, so no new write deduplicates against them."""
         with self._writing():
@@ -467,14 +486,15 @@ class Catalog:
                 (segno, first_lsn, last_lsn, size, int(sealed_ns is not None), sealed_ns),
             )
 
-    def sealed_segment(self, segno: int) -> dict[str, Any] | None:
-        row = self._one(
-            "SELECT segno, first_lsn, last_lsn, size, sealed, sealed_ns FROM segments "
-            "WHERE segno=? AND sealed=1",
-            (segno,),
-        )
-        keys = ("segno", "first_lsn", "last_lsn", "size", "sealed", "sealed_ns")
-        return None if row is None else dict(zip(keys, row, strict=True))
+    _SEALED = "SELECT segno, first_lsn, last_lsn, size, sealed_ns FROM segments WHERE sealed=1"
+
+    def sealed_segment(self, segno: int) -> SealedSegment | None:
+        row = self._one(f"{self._SEALED} AND segno=?", (segno,))
+        return None if row is None else SealedSegment(*row)
+
+    def sealed_segments(self) -> list[SealedSegment]:
+        """Oldest first."""
+        return [SealedSegment(*r) for r in self.db.execute(f"{self._SEALED} ORDER BY segno")]
 
     def segments(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
@@ -525,6 +545,11 @@ class Catalog:
         """A directory's parent (directories have exactly one entry naming them)."""
         row = self._one("SELECT parent FROM dirents WHERE ino=? LIMIT 1", (ino,))
         return None if row is None else int(row[0])
+
+    def link_of(self, ino: int) -> tuple[int, bytes] | None:
+        """(parent, name) of one entry naming `ino` (a file with hard links has several)."""
+        row = self._one("SELECT parent, name FROM dirents WHERE ino=? LIMIT 1", (ino,))
+        return None if row is None else (int(row[0]), bytes(row[1]))
 
     def listdir(
         self, parent: int, after_id: int = 0, limit: int = 1000
@@ -580,9 +605,27 @@ class Catalog:
         row = self._one("SELECT coalesce(sum(size), 0), count(*) FROM inodes")
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
-    def counts(self) -> dict[str, int]:
+    def counts(
+        self, tables: Sequence[str] = ("inodes", "dirents", "blocks", "chunks", "segments")
+    ) -> dict[str, int]:
         out = {}
-        for table in ("inodes", "dirents", "blocks", "chunks", "segments"):
+        for table in tables:
             row = self._one(f"SELECT count(*) FROM {table}")
             out[table] = int(row[0]) if row else 0
         return out
+
+
+# -- a catalog file read by others: beside its writer, or as a checkpoint image --------
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[Catalog]:
+    """The catalog file at `path` for reading only: nothing is created or upgraded, and a
+    write fails. WAL lets it sit beside a running mount (status, verify, snapshots), which
+    it never disturbs: no recovery runs and the volume's lock is not taken."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        cat = Catalog(db)
+        cat._last_lsn = int(cat.get_meta("last_lsn") or 0)
+        cat._max_ino = int(cat.get_meta("max_ino") or 0)
+        yield cat
+    finally:
+        db.close()

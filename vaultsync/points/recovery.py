@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vaultsync.engine.catalog import READABLE_SCHEMAS, Catalog, StoredChunk
+from vaultsync.engine.catalog_image import image_schema
 from vaultsync.engine.journal import Location
 from vaultsync.engine.volume import decode_patches
 from vaultsync.errors import CryptoError, FormatError, VaultsyncError, VolumeError
@@ -152,20 +153,6 @@ def _not_retained(store: ObjectStore, what: str, kept: Retained) -> PointError:
     )
 
 
-def _image_schema(path: Path) -> int | None:
-    import sqlite3
-
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
-    return int(row[0]) if row else None
-
-
 async def _pick_checkpoint(
     store: ObjectStore, stop_lsn: int | None, stop_ns: int | None
 ) -> tuple[int, int] | None:
@@ -290,7 +277,7 @@ async def rebuild(
             raise FormatError(f"target {store.name!r}: {key} holds LSN {rec.lsn}")
         image = await asyncio.to_thread(codec.decode_checkpoint, rec)
         await asyncio.to_thread(cat_path.write_bytes, image)
-        if _image_schema(cat_path) not in READABLE_SCHEMAS:  # unknown layout: replay instead
+        if image_schema(cat_path) not in READABLE_SCHEMAS:  # unknown layout: replay instead
             cat_path.unlink()
             ckpt = None
     # A catalog rebuilt from scratch: no journal on disk, no fsync until it is whole.

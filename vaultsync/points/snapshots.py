@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from vaultsync.config import Config
+from vaultsync.engine.catalog import read_only
 from vaultsync.engine.volume import has_volume
 from vaultsync.errors import VaultsyncError, VolumeError
 from vaultsync.format import segment as seg
@@ -46,12 +46,8 @@ def _local_last_lsn(cfg: Config) -> int:
     state = cfg.volume.state_dir
     if not has_volume(state):
         raise VolumeError(f"{state} holds no volume; snapshots are taken at the writer")
-    db = sqlite3.connect(f"file:{StateDir(state).catalog}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT value FROM meta WHERE key='last_lsn'").fetchone()
-        return int(row[0]) if row else 0
-    finally:
-        db.close()
+    with read_only(StateDir(state).catalog) as cat:
+        return cat.last_lsn()
 
 
 async def create_snapshot(cfg: Config, name: str, lsn: int | None = None) -> dict[str, Any]:
