@@ -22,8 +22,8 @@ from typing import Any
 
 from vaultsync.config import Config, TargetConfig
 from vaultsync.control.lease import FencedError, check_lease, lease_window
-from vaultsync.engine.filesystem import FsError
 from vaultsync.engine.journal import Location
+from vaultsync.engine.posix import FsError
 from vaultsync.engine.volume import Volume
 from vaultsync.format.bucket_layout import checkpoint_key
 from vaultsync.format.header import HEADER_KEY

@@ -79,7 +79,7 @@ ALLOWED_INTERNALS: set[str] = {
     "vaultsync.replication.fetch",
     "vaultsync.control.salvage",
 }
-ALLOWED_LONG: set[str] = {"vaultsync.engine.filesystem", "vaultsync.engine.volume"}
+ALLOWED_LONG: set[str] = {"vaultsync.engine.volume"}
 
 
 @dataclass(frozen=True)
