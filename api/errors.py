@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vaultsync.engine.filesystem import FsError
+from vaultsync.engine.posix import FsError
 from vaultsync.errors import ConfigError, CryptoError, FormatError, VaultsyncError, VolumeError
 from vaultsync.points.recovery import PointError
 from vaultsync.points.restore import RestoreError

@@ -19,7 +19,8 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from vaultsync.engine.catalog import Inode
-from vaultsync.engine.filesystem import FileSystem, FsError, without_privs
+from vaultsync.engine.filesystem import FileSystem
+from vaultsync.engine.posix import FsError, without_privs
 from vaultsync.errors import OUT_OF_SPACE, ReadOnlyVolumeError, VaultsyncError
 from vaultsync.fuse.loop import running
 from vaultsync.quietlog import Throttled

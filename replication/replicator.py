@@ -24,8 +24,8 @@ from typing import Any
 
 from vaultsync.config import Config, TargetConfig
 from vaultsync.control.lease import FencedError, check_lease, lease_window
-from vaultsync.engine.filesystem import FsError
 from vaultsync.engine.journal import Location
+from vaultsync.engine.posix import FsError
 from vaultsync.engine.replicated import ReplicatedVolume
 from vaultsync.format.header import HEADER_KEY
 from vaultsync.format.state_layout import REPLICATION_STATUS, StateDir

@@ -34,7 +34,8 @@ from typing import Any
 import pytest
 
 from tests.support.mounting import Mount
-from vaultsync.engine.filesystem import ChunkCache, FileSystem
+from vaultsync.engine.filereads import ChunkCache
+from vaultsync.engine.filesystem import FileSystem
 from vaultsync.engine.volume import ROOT_INO, Volume
 from vaultsync.format.header import new_header
 

@@ -65,7 +65,7 @@ ALLOWED_INTERNALS: set[str] = {
     "vaultsync.fuse.operations",
     "vaultsync.api.point_views",
 }
-ALLOWED_LONG: set[str] = {"vaultsync.engine.filesystem", "vaultsync.engine.volume"}
+ALLOWED_LONG: set[str] = {"vaultsync.engine.volume"}
 
 
 @dataclass(frozen=True)

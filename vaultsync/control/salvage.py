@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vaultsync.config import Config
-from vaultsync.engine.filesystem import FileSystem, FsError
+from vaultsync.engine.filesystem import FileSystem
+from vaultsync.engine.posix import FsError
 from vaultsync.engine.volume import Volume, has_volume
 from vaultsync.errors import VolumeError
 from vaultsync.format.txn import DropDirent, SetBlocks, SetDirent, SetInode, SetXattr

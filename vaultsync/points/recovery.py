@@ -558,7 +558,7 @@ class RecoveredVolume:
         ]
 
     def commit_nowait(self, ops: object, chunks: object = ()) -> int:
-        from vaultsync.engine.filesystem import FsError
+        from vaultsync.engine.posix import FsError
 
         raise FsError(errno.EROFS)  # a point in time is not writable
 

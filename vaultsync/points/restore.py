@@ -24,7 +24,8 @@ from pathlib import Path, PurePosixPath
 
 from vaultsync.config import Config
 from vaultsync.engine.catalog import Inode
-from vaultsync.engine.filesystem import FileSystem, FsError
+from vaultsync.engine.filesystem import FileSystem
+from vaultsync.engine.posix import FsError
 from vaultsync.engine.volume import ROOT_INO
 from vaultsync.errors import VaultsyncError
 from vaultsync.points.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
