@@ -14,7 +14,7 @@ import stat
 import time
 from collections.abc import Callable, Coroutine
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
@@ -74,6 +74,42 @@ def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
     return wrapper
 
 
+class AckGate(Protocol):
+    """The writer's right to acknowledge (automatic failover, docs/format.md §2.7)."""
+
+    def is_open(self) -> bool: ...
+
+    async def wait_open(self) -> None:
+        """Return once acknowledging is allowed again; FsError(EROFS) once another site
+        writes, FsError(EIO) when it stays closed too long."""
+
+
+def _changes(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """A request that changes the volume, or reports a change as stored.
+
+    Refused on a read-only mount (a standby, a fenced writer). Under automatic
+    failover it waits for the gate before it starts and again before it
+    answers: INVARIANT (§2.7) no success reaches the kernel while this writer
+    holds fewer than a majority of the voters. A change that was made and then
+    finds the gate shut is answered with an error; it stays in the journal.
+    """
+
+    @wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        ops: Operations = args[0]  # type: ignore[assignment]
+        if ops.read_only:
+            raise FsError(errno.EROFS)
+        gate = ops.gate
+        if gate is not None and not gate.is_open():
+            await gate.wait_open()
+        result = await fn(*args, **kwargs)
+        if gate is not None and not gate.is_open():
+            await gate.wait_open()
+        return result
+
+    return wrapper
+
+
 class Operations(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = True
     supports_dot_lookup = True
@@ -83,6 +119,10 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.fs = fs
+        # A standby serves the volume read-only until it takes over; a fenced writer
+        # from then on. Either way the mount stays, and open files stay valid.
+        self.read_only = False
+        self.gate: AckGate | None = None
         self.sync_on_close = sync_on_close
         self.enable_writeback_cache = writeback_cache  # pyfuse3 reads it at init
         # The writeback cache makes the kernel the owner of regular files' mtime/ctime.
@@ -122,6 +162,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return self.attrs(self.fs.getattr(inode))
 
     @_errors
+    @_changes
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
         # chown(f, -1, -1) reaches us as a SETATTR with nothing in it (the kernel
         # sends ctime only when it owns the times): Linux still stamps ctime.
@@ -149,26 +190,32 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return target
 
     @_errors
+    @_changes
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         return self.entry(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_errors
+    @_changes
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         return self.entry(self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errors
+    @_changes
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.fs.unlink(parent_inode, name)
 
     @_errors
+    @_changes
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.fs.rmdir(parent_inode, name)
 
     @_errors
+    @_changes
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         return self.entry(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errors
+    @_changes
     async def rename(
         self,
         parent_inode_old: int,
@@ -183,12 +230,20 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         )
 
     @_errors
+    @_changes
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         return self.entry(self.fs.link(inode, new_parent_inode, new_name))
 
     # -- files ----------------------------------------------------------------------------
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        if flags & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY:
+            return await self._open_to_write(inode, flags, ctx)
+        self.fs.open(inode)
+        return pyfuse3.FileInfo(fh=inode)
+
+    @_changes
+    async def _open_to_write(self, inode: int, flags: int, ctx: Any) -> Any:
         i = self.fs.open(inode)
         if flags & os.O_TRUNC:  # stamps mtime and ctime even when already empty, as ext4
             # By anyone but root it also drops setuid/setgid, as truncate() does: with
@@ -198,6 +253,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return pyfuse3.FileInfo(fh=inode)
 
     @_errors
+    @_changes
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         i = self.fs.mknod(parent_inode, name, stat.S_IFREG | (mode & 0o7777), 0, ctx.uid, ctx.gid)
         self.fs.open(i.ino)
@@ -210,6 +266,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return data
 
     @_errors
+    @_changes
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.fs.write(fh, off, buf)
 
@@ -218,6 +275,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         await self.fs.flush(fh)
         if self.sync_on_close:  # replication.sync_on_close: close() waits as fsync does
             await self.fs.vol.sync()
+            if self.gate is not None and not self.gate.is_open():
+                await self.gate.wait_open()
             return
         # Nothing else needs close() to wait for us: release (the last close) commits
         # the buffer, and the flush timer a file kept open elsewhere. ENOSYS, answered
@@ -231,6 +290,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         await self.fs.release(fh)
 
     @_errors
+    @_changes
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.fs.fsync(fh)
 
@@ -267,6 +327,8 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
             await self.fs.flush_all()  # `vaultsync umount` uses this to drain the buffers
         else:
             await self.fs.sync_dir()
+        if self.gate is not None and not self.gate.is_open():
+            await self.gate.wait_open()
 
     # -- the rest --------------------------------------------------------------------------
     @_errors
@@ -285,6 +347,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return out
 
     @_errors
+    @_changes
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         self.fs.setxattr(inode, name, value)
 
@@ -297,6 +360,7 @@ class Operations(pyfuse3.Operations):  # type: ignore[misc]
         return self.fs.listxattr(inode, privileged=ctx.uid == 0)
 
     @_errors
+    @_changes
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         self.fs.removexattr(inode, name)
 
