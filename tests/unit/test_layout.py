@@ -53,13 +53,7 @@ ALLOWED_CIRCLES: set[frozenset[str]] = {
     frozenset({"vaultsync.points.recovery", "vaultsync.points.snapshots"}),
     frozenset({"vaultsync.commands.cli", "vaultsync.commands.demo", "vaultsync.commands.migrate"}),
 }
-ALLOWED_PRIVATE: set[tuple[str, str]] = {
-    ("vaultsync.api.files", "vaultsync.points.restore._resolve"),
-    ("vaultsync.api.server", "vaultsync.config._host_port"),
-    ("vaultsync.commands.migrate", "vaultsync.control.status._live_replication"),
-    ("vaultsync.commands.targets_admin", "vaultsync.control.status._live_replication"),
-    ("vaultsync.replication.migrate", "vaultsync.store.targets._foreign"),
-}
+ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 ALLOWED_SQL: set[str] = {
     "vaultsync.control.salvage",
     "vaultsync.control.status",

@@ -104,9 +104,9 @@ def migrate(
     adopted = ""
     if adopt and not dry_run and report.ok:
         from vaultsync.commands.targets_admin import reload_daemon
-        from vaultsync.control.status import _live_replication
+        from vaultsync.control.status import live_replication
 
-        live = _live_replication(cfg.volume.state_dir)
+        live = live_replication(cfg.volume.state_dir)
         if live is not None and to_target not in live.get("targets", {}):
             adopted = reload_daemon(cfg, {to_target}, set())
     if as_json:

@@ -97,11 +97,11 @@ def write_config(path: Path, text: str) -> Config:
 
 def wait_for_daemon(state_dir: Path, present: set[str], absent: set[str], timeout: float) -> bool:
     """Until the daemon's replication status lists `present` and not `absent` targets."""
-    from vaultsync.control.status import _live_replication
+    from vaultsync.control.status import live_replication
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        snap = _live_replication(state_dir)
+        snap = live_replication(state_dir)
         if snap is not None:
             have = set(snap.get("targets", {}))
             if present <= have and not (absent & have):
