@@ -191,9 +191,9 @@ def gc(
     ] = 600.0,
 ) -> None:
     """Thin old points per [retention] and delete what no retained point needs."""
+    from vaultsync.engine.state_lock import VolumeInUseError, read_pid, take_lock
     from vaultsync.engine.volume import has_volume
     from vaultsync.errors import VolumeError
-    from vaultsync.fuse.mount import MountError, read_pid, take_lock
     from vaultsync.replication.gc import gc_mounted, gc_unmounted
 
     cfg = load_config(config)
@@ -202,7 +202,7 @@ def gc(
         raise VolumeError(f"{state} holds no volume; GC runs at the writer's site")
     try:
         lock = take_lock(state)
-    except MountError:
+    except VolumeInUseError:
         pid = read_pid(state)
         if pid is None:
             raise
@@ -530,7 +530,8 @@ def mount(
     if from_target is not None:
         import logging
 
-        from vaultsync.fuse.mount import point_runtime_file, run_point_mount, start_daemon
+        from vaultsync.daemon.point import run_point_mount
+        from vaultsync.daemon.process import point_runtime_file, start_daemon
 
         cfg.target(from_target)  # an unknown target is an error here, not in the daemon's log
         if daemon:
@@ -556,7 +557,7 @@ def mount(
         run_point_mount(cfg, from_target, at, mountpoint, _passphrase(cfg), pid_file=pid_file)
         return
     if daemon:
-        from vaultsync.fuse.mount import start_daemon
+        from vaultsync.daemon.process import start_daemon
 
         log_path = log_file or StateDir(cfg.volume.state_dir).log
         pid = start_daemon(config, mountpoint, log_path)
@@ -564,7 +565,7 @@ def mount(
         return
     import logging
 
-    from vaultsync.fuse.mount import run_mount
+    from vaultsync.daemon.writer import run_mount
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -590,7 +591,7 @@ def umount(
     ] = False,
 ) -> None:
     """Flush everything, unmount, and wait for the daemon to exit."""
-    from vaultsync.fuse.mount import unmount
+    from vaultsync.daemon.process import unmount
 
     unmount(mountpoint, force=force)
     out.print(f"unmounted {mountpoint}")

@@ -23,8 +23,9 @@ from rich.text import Text
 from vaultsync.commands.local_servers import LocalProvider, start_rclone, start_seaweedfs
 from vaultsync.config import load_config
 from vaultsync.control.status import gather_status
+from vaultsync.daemon.process import start_daemon, unmount
 from vaultsync.errors import VaultsyncError
-from vaultsync.fuse.mount import clean_stale_mount, start_daemon, unmount
+from vaultsync.fuse.mount import clean_stale_mount
 from vaultsync.store.targets import init_volume
 
 BUCKET = "vaultsync-demo"
