@@ -47,7 +47,6 @@ MAX_LINES = 650
 ALLOWED_UPWARD: set[tuple[str, str]] = set()
 ALLOWED_CIRCLES: set[frozenset[str]] = {
     frozenset({"vaultsync.points.recovery", "vaultsync.points.snapshots"}),
-    frozenset({"vaultsync.commands.cli", "vaultsync.commands.demo", "vaultsync.commands.migrate"}),
 }
 ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 ALLOWED_SQL: set[str] = {
