@@ -91,7 +91,7 @@ def next_steps(config_path: Path, mountpoint: Path, api_url: str | None = None) 
     vs = _short(exe) if exe.exists() else "vaultsync"
     d = config_path.parent
     cfg, mnt = _short(config_path), _short(mountpoint)
-    docs = Path(__file__).resolve().parent.parent / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"  # vaultsync/commands/ -> the repository
     lines = [
         "",
         f"config: {cfg} (keys in {_short(d / 'credentials')}, never printed)",
