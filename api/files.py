@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from vaultsync.engine.catalog import Inode
-from vaultsync.points.restore import RestoreError, _resolve
+from vaultsync.points.restore import RestoreError, resolve_path
 
 from . import conditional
 from .auth import Auth
@@ -103,7 +103,7 @@ def _point(view: View) -> dict[str, Any]:
 
 def _lookup(view: View, path: str) -> Inode:
     try:
-        return _resolve(view.fs, path)
+        return resolve_path(view.fs, path)
     except RestoreError as e:
         raise ApiError(404, "not_found", str(e)) from None
 

@@ -20,7 +20,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from vaultsync.config import Config, _host_port, is_loopback
+from vaultsync.config import Config, is_loopback, parse_host_port
 from vaultsync.engine.filesystem import FileSystem
 from vaultsync.errors import ConfigError
 
@@ -34,7 +34,7 @@ log = logging.getLogger("vaultsync.api")
 def check_serving(cfg: Config, listen: str) -> tuple[str, int]:
     """Refuse a server nobody could use safely: no way in, or an open one off loopback."""
     try:
-        host, port = _host_port(listen)
+        host, port = parse_host_port(listen)
     except ValueError as e:
         raise ConfigError(f"--listen: {e}") from None
     api = cfg.api
@@ -55,7 +55,7 @@ def check_serving(cfg: Config, listen: str) -> tuple[str, int]:
     return host, port
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int) -> socket.socket:
     """The listening socket, made so that every accepted connection gets TCP_NODELAY.
 
     asyncio turns Nagle's algorithm off only on sockets whose `proto` is
@@ -139,7 +139,7 @@ async def serve_standalone(
     cfg: Config, target: str, passphrase: str | None, listen: str | None
 ) -> None:
     host, port = check_serving(cfg, listen or cfg.api.listen)
-    sock = _bind(host, port)
+    sock = listening_socket(host, port)
     backend = Backend(cfg, target, passphrase)
     await backend.start()
     try:
@@ -169,7 +169,7 @@ class EmbeddedApi:
 
 async def start_embedded(cfg: Config, fs: FileSystem, passphrase: str | None) -> EmbeddedApi:
     host, port = check_serving(cfg, cfg.api.listen)
-    sock = _bind(host, port)
+    sock = listening_socket(host, port)
     backend = Backend(cfg, None, passphrase, live=fs)
     await backend.start()
     app = create_app(backend, Auth(cfg.api, host))

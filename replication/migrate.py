@@ -48,7 +48,7 @@ from vaultsync.store.objectstore import (
     md5_hex,
 )
 from vaultsync.store.ratelimit import RateLimiter
-from vaultsync.store.targets import _foreign, read_remote_header
+from vaultsync.store.targets import foreign_volume_error, read_remote_header
 
 log = logging.getLogger("vaultsync.migrate")
 
@@ -458,7 +458,7 @@ async def migrate(
         header = await _source_header(src)
         found = await read_remote_header(dst)
         if found is not None and found.volume_id != header.volume_id:
-            raise _foreign(dst_t, found, header)
+            raise foreign_volume_error(dst_t, found, header)
         if header.encryption is not None and passphrase is None:
             raise MigrateError(
                 "the volume is encrypted: its chunks can only be verified with the passphrase; "

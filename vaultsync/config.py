@@ -315,7 +315,11 @@ class ApiToken(_Strict):
         return v
 
 
-def _host_port(value: str) -> tuple[str, int]:
+def parse_host_port(value: str) -> tuple[str, int]:
+    """HOST:PORT as `[api] listen` and `serve --listen` take it (an IPv6 host in brackets).
+
+    A ValueError says what is wrong; the config and the command line each add where.
+    """
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f'must be HOST:PORT such as "127.0.0.1:8470" (got {value!r})')
@@ -352,7 +356,7 @@ class ApiConfig(_Strict):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        _host_port(v)
+        parse_host_port(v)
         return v
 
     @model_validator(mode="after")
@@ -364,7 +368,7 @@ class ApiConfig(_Strict):
         for r in self.restore_roots:
             if not r.is_absolute():
                 raise ValueError(f"api.restore_roots: {str(r)!r} must be an absolute path")
-        if self.open_on_loopback and not is_loopback(_host_port(self.listen)[0]):
+        if self.open_on_loopback and not is_loopback(parse_host_port(self.listen)[0]):
             raise ValueError(
                 f"api.open_on_loopback: only allowed when api.listen is a loopback address "
                 f"(got {self.listen!r}); use tokens for a server others can reach"
@@ -372,7 +376,7 @@ class ApiConfig(_Strict):
         return self
 
     def host_port(self) -> tuple[str, int]:
-        return _host_port(self.listen)
+        return parse_host_port(self.listen)
 
 
 class Config(_Strict):

@@ -32,7 +32,7 @@ from tests.support.api_helpers import (
     write_volume,
 )
 from tests.support.mounting import fsync_path
-from vaultsync.api.server import _bind
+from vaultsync.api.server import listening_socket
 from vaultsync.commands.local_servers import LocalProvider, free_port
 
 H = auth(ADMIN_TOKEN)
@@ -142,7 +142,7 @@ def test_small_responses_are_not_held_back(url: str) -> None:
             c.get("/v1/tree/many", params={"limit": 10, "cursor": i % 20}).raise_for_status()
             times.append(time.perf_counter() - t0)
     assert sorted(times)[len(times) // 2] < 0.025, sorted(times)
-    sock = _bind("127.0.0.1", 0)
+    sock = listening_socket("127.0.0.1", 0)
     try:  # accepted connections inherit TCP_NODELAY, and asyncio sets it (proto is TCP)
         assert sock.proto == socket.IPPROTO_TCP
         with socket.create_connection(sock.getsockname()[:2]):

@@ -40,7 +40,7 @@ from vaultsync.control.lease import (
     lease_window,
     take_lease,
 )
-from vaultsync.control.promote import _wait_out_old_lease
+from vaultsync.control.promote import wait_out_old_lease
 from vaultsync.engine.filesystem import FileSystem
 from vaultsync.engine.volume import ROOT_INO, Volume
 from vaultsync.errors import ReadOnlyVolumeError
@@ -277,20 +277,20 @@ async def test_promoter_waits_only_when_tail_pieces_follow_the_last_whole_segmen
     said: list[str] = []
     async with ObjectStore(t) as store:
         # Nothing at all, then tail pieces of a segment that is whole already: no wait.
-        assert await _wait_out_old_lease(store, lease_clock(), said.append) == 0.0
+        assert await wait_out_old_lease(store, lease_clock(), said.append) == 0.0
         await store.put(segment_key(1), b"s1")
         await store.put(tail_key(1, 0, 100), b"x" * 100)
-        assert await _wait_out_old_lease(store, lease_clock(), said.append) == 0.0
+        assert await wait_out_old_lease(store, lease_clock(), said.append) == 0.0
         assert said == []
         # A piece of the segment after the last whole one: 2 x the window from the lease.
         await store.put(tail_key(2, 0, 100), b"x" * 100)
         leased = lease_clock() - 0.4
-        waited = await _wait_out_old_lease(store, leased, said.append)
+        waited = await wait_out_old_lease(store, leased, said.append)
         assert 0.5 <= waited <= 0.9
         assert lease_clock() - leased >= 1.0
         assert len(said) == 1 and "for the old writer's lease to expire" in said[0]
         # Already 2 x the window since the lease: nothing left to wait.
-        assert await _wait_out_old_lease(store, lease_clock() - 1.0, said.append) == 0.0
+        assert await wait_out_old_lease(store, lease_clock() - 1.0, said.append) == 0.0
 
 
 # -- the race, with real mounts -------------------------------------------------------------------

@@ -34,7 +34,8 @@ from tests.support.mounting import Mount
 from tests.support.targets import credentials_file
 from vaultsync.commands.local_servers import LocalProvider
 from vaultsync.control.lease import TEST_WINDOW_ENV
-from vaultsync.fuse.mount import lazy_unmount, mounted_at, read_pid
+from vaultsync.engine.state_lock import read_pid
+from vaultsync.fuse.mount import lazy_unmount, mounted_at
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOK = ROOT / "docs" / "runbook.md"

@@ -1,4 +1,4 @@
-"""The embedded default: everything on one machine, for a first look and for the README.
+"""`vaultsync demo`, the embedded default: everything on one machine, for a first look.
 
 Two independent S3 implementations (SeaweedFS and rclone's S3 server) stand
 for two providers. Their keys are generated once and kept in 0600 files under
@@ -16,16 +16,18 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Annotated
 
+import typer
 from rich.console import Console
 from rich.text import Text
 
-from vaultsync.commands.local_servers import LocalProvider, start_rclone, start_seaweedfs
+from vaultsync.commands.console import out, print_status
 from vaultsync.config import load_config
-from vaultsync.control.status import gather_status
 from vaultsync.errors import VaultsyncError
-from vaultsync.fuse.mount import clean_stale_mount, start_daemon, unmount
-from vaultsync.store.targets import init_volume
+
+if TYPE_CHECKING:
+    from vaultsync.commands.local_servers import LocalProvider
 
 BUCKET = "vaultsync-demo"
 
@@ -89,7 +91,7 @@ def next_steps(config_path: Path, mountpoint: Path, api_url: str | None = None) 
     vs = _short(exe) if exe.exists() else "vaultsync"
     d = config_path.parent
     cfg, mnt = _short(config_path), _short(mountpoint)
-    docs = Path(__file__).resolve().parent.parent / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"  # vaultsync/commands/ -> the repository
     lines = [
         "",
         f"config: {cfg} (keys in {_short(d / 'credentials')}, never printed)",
@@ -111,7 +113,30 @@ def next_steps(config_path: Path, mountpoint: Path, api_url: str | None = None) 
     return "\n".join(lines)
 
 
+def demo(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the demo keeps its providers and volume.")
+    ] = Path(".vaultsync-demo"),
+    once: Annotated[
+        bool, typer.Option("--once", help="Set everything up, print status, stop.")
+    ] = False,
+) -> None:
+    """Start two local S3 providers, create a volume replicated to both, keep them up."""
+    run_demo(directory.resolve(), once=once, console=out)
+
+
 def run_demo(directory: Path, *, once: bool, console: Console) -> None:
+    """Everything up (providers, volume, mount), then kept up until Ctrl-C or SIGTERM.
+
+    Whatever was started is stopped again on the way out, also after a failure.
+    """
+    # Imported here, as in every command: the command line starts without botocore.
+    from vaultsync.commands.local_servers import start_rclone, start_seaweedfs
+    from vaultsync.control.status import gather_status
+    from vaultsync.daemon.process import start_daemon, unmount
+    from vaultsync.fuse.mount import clean_stale_mount
+    from vaultsync.store.targets import init_volume
+
     directory.mkdir(parents=True, exist_ok=True)
     providers: dict[str, LocalProvider] = {}
     stop = threading.Event()
@@ -138,8 +163,6 @@ def run_demo(directory: Path, *, once: bool, console: Console) -> None:
             f"{report.header.volume_id_hex} {verb}; "
             + ", ".join(f"{k}: header {v}" for k, v in report.targets.items()),
         )
-        from vaultsync.commands.cli import print_status
-
         mountpoint = directory / "mnt"
         mountpoint.mkdir(exist_ok=True)
         clean_stale_mount(mountpoint)

@@ -16,7 +16,11 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from vaultsync.commands.console import out
 from vaultsync.errors import VaultsyncError
 
 UNIT_DIR = Path("etc/systemd/system")
@@ -92,3 +96,29 @@ def install(prefix: Path | None = None, executable: str | None = None) -> Instal
             raise SystemdError(f"systemctl daemon-reload failed: {res.stderr.strip()}")
         report.reloaded = True
     return report
+
+
+app = typer.Typer(help="systemd units for the mount daemon and the API.")
+
+
+@app.command("install")
+def systemd_install(
+    prefix: Annotated[
+        Path | None,
+        typer.Option(help="Install under DIR instead of / (units go to DIR/etc/systemd/system)."),
+    ] = None,
+    bin_path: Annotated[
+        str | None,
+        typer.Option("--bin", help="The vaultsync executable the units run (default: this one)."),
+    ] = None,
+) -> None:
+    """Write vaultsync-mount@.service and vaultsync-serve@.service; reload systemd if it runs."""
+    r = install(prefix, bin_path)
+    for p in r.written:
+        out.print(f"wrote {p}")
+    out.print(f"the units run {r.executable}")
+    out.print("systemctl daemon-reload done" if r.reloaded else r.reload_note)
+    out.print(
+        "next: put the volume's config in /etc/vaultsync/NAME.toml, then "
+        "systemctl enable --now vaultsync-mount@NAME.service"
+    )

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from vaultsync.config import Config, TargetConfig, load_config
+from vaultsync.control.status import live_replication
+from vaultsync.daemon.process import signal_reload
 from vaultsync.errors import ConfigError, VaultsyncError
 from vaultsync.format.bucket_layout import SEGMENTS, parse_segment_key
 from vaultsync.format.state_layout import StateDir
@@ -97,11 +99,9 @@ def write_config(path: Path, text: str) -> Config:
 
 def wait_for_daemon(state_dir: Path, present: set[str], absent: set[str], timeout: float) -> bool:
     """Until the daemon's replication status lists `present` and not `absent` targets."""
-    from vaultsync.control.status import _live_replication
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        snap = _live_replication(state_dir)
+        snap = live_replication(state_dir)
         if snap is not None:
             have = set(snap.get("targets", {}))
             if present <= have and not (absent & have):
@@ -112,8 +112,6 @@ def wait_for_daemon(state_dir: Path, present: set[str], absent: set[str], timeou
 
 def reload_daemon(cfg: Config, present: set[str], absent: set[str]) -> str:
     """SIGHUP the volume's mount daemon, if one runs; a sentence saying what happened."""
-    from vaultsync.fuse.mount import signal_reload
-
     pid = signal_reload(cfg.volume.state_dir)
     if pid is None:
         return "no mount is running; the change applies at the next mount"

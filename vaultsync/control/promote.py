@@ -128,7 +128,7 @@ async def promote(
                 # Unreachable now: its next contact with the old writer's history is ours.
                 e.add_note("lease not taken")
         leased_done = lease_clock()
-        waited = await _wait_out_old_lease(src, leased_done, notify)
+        waited = await wait_out_old_lease(src, leased_done, notify)
         for _attempt in range(3):
             result = await _rebuild_here(cfg, src, passphrase, epoch)
             if result is not None:
@@ -153,7 +153,7 @@ async def _open_tail(src: ObjectStore) -> int | None:
     return None
 
 
-async def _wait_out_old_lease(
+async def wait_out_old_lease(
     src: ObjectStore, leased_done: float, notify: Callable[[str], None]
 ) -> float:
     """Step 2 of the module docstring: wait until 2 x LEASE_WINDOW have passed since

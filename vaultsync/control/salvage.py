@@ -35,7 +35,7 @@ async def salvage(cfg: Config, passphrase: str | None, out: Path | None = None) 
     state = cfg.volume.state_dir
     if not has_volume(state):
         raise VolumeError(f"{state} holds no volume; nothing to salvage")
-    from vaultsync.fuse.mount import take_lock
+    from vaultsync.engine.state_lock import take_lock
 
     lock = take_lock(state)  # never beside a running mount
     try:

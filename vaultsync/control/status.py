@@ -73,7 +73,7 @@ async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:
         volume["fenced"] = {"lease_epoch": max(newer)[0], "target": max(newer)[1]}
     else:
         volume["fenced"] = None
-    live = _live_replication(state_dir)
+    live = live_replication(state_dir)
     volume["mounted"] = live is not None
     for t, h in zip(cfg.targets, health, strict=True):
         wm = numbers["watermarks"].get(t.name, {"lsn": 0})
@@ -110,7 +110,7 @@ async def _lease_epoch(store: ObjectStore) -> int | None:
         return None
 
 
-def _live_replication(state_dir: Path) -> dict[str, Any] | None:
+def live_replication(state_dir: Path) -> dict[str, Any] | None:
     """The mount daemon's replication snapshot, if a daemon is running and writing it."""
     path = StateDir(state_dir).replication_status
     try:

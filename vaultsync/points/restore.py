@@ -50,7 +50,7 @@ class RestoreReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _resolve(fs: FileSystem, path: str) -> Inode:
+def resolve_path(fs: FileSystem, path: str) -> Inode:
     """The inode at `path` in the volume; '..' never climbs above the root."""
     ino = ROOT_INO
     node = fs.getattr(ino)
@@ -320,7 +320,7 @@ async def restore(
             vol = RecoveredVolume(Path(tmp), rebuilt, keys, store, cache)
             try:
                 fs = FileSystem(vol)  # type: ignore[arg-type]
-                node = _resolve(fs, path)
+                node = resolve_path(fs, path)
                 if total is not None:
                     total(_tree_bytes(fs, node))
                 r = _Restorer(fs, force, parallel, progress, RateLimiter(bwlimit), confine)

@@ -41,7 +41,10 @@ async def read_remote_header(store: ObjectStore) -> VolumeHeader | None:
     return VolumeHeader.from_bytes(raw, f"target {store.name!r}: {HEADER_KEY}")
 
 
-def _foreign(target: TargetConfig, found: VolumeHeader, ours: VolumeHeader | None) -> VolumeError:
+def foreign_volume_error(
+    target: TargetConfig, found: VolumeHeader, ours: VolumeHeader | None
+) -> VolumeError:
+    """The refusal when a target holds another volume: which one, and what to do instead."""
     where = f"{target.endpoint}/{target.bucket}/{target.prefix}"
     mine = f"this volume ({ours.volume_id_hex})" if ours else "a new volume"
     return VolumeError(
@@ -73,7 +76,7 @@ async def publish_header(
                 f"target {target.name!r}: the volume header vanished while init wrote it; "
                 "another process is using this bucket. Stop it and run init again"
             )
-        raise _foreign(target, found, header)
+        raise foreign_volume_error(target, found, header)
     return "present"
 
 
@@ -92,7 +95,7 @@ async def init_volume(cfg: Config, passphrase: str | None) -> InitReport:
         remote = await asyncio.gather(*(read_remote_header(s) for s in stores))
         for t, found in zip(cfg.targets, remote, strict=True):
             if found is not None and (local is None or found.volume_id != local.volume_id):
-                raise _foreign(t, found, local)
+                raise foreign_volume_error(t, found, local)
         created = local is None
         if local is None:
             local = new_header(
