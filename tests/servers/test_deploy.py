@@ -27,9 +27,11 @@ from vaultsync.commands.systemd import UNITS
 from vaultsync.config import (
     ApiConfig,
     Config,
+    FailoverConfig,
     MountConfig,
     ReplicationConfig,
     RetentionConfig,
+    SiteConfig,
     TargetConfig,
     VolumeConfig,
 )
@@ -161,6 +163,8 @@ def test_every_config_key_is_documented_with_its_default() -> None:
         "retention": RetentionConfig,
         "mount": MountConfig,
         "api": ApiConfig,
+        "site": SiteConfig,
+        "failover": FailoverConfig,
     }
     assert set(_fields(Config)) == set(sections)
     for section, model in sections.items():
@@ -169,6 +173,8 @@ def test_every_config_key_is_documented_with_its_default() -> None:
             assert len(rows) == 1, f"{section}.{key} has {len(rows)} rows in the guide's reference"
             if info.is_required():
                 assert "required" in rows[0], f"{section}.{key} is required"
+            elif (section, key) == ("site", "name"):
+                assert "host name" in rows[0], "site.name defaults to the host name"
             elif key != "credentials":
                 default = info.get_default(call_default_factory=True)
                 names = {"None": "none", "True": "true", "False": "false"}
@@ -180,7 +186,7 @@ def test_every_config_key_is_documented_with_its_default() -> None:
     for key in ("access_key_id_env", "secret_access_key_env", "file"):
         assert f"`targets.credentials.{key}`" in text
     # And nothing documented that does not exist.
-    row_key = r"^\| `((?:volume|replication|retention|mount|api|targets)\.[a-z_.]+)` \|"
+    row_key = rf"^\| `((?:{'|'.join(sections)})\.[a-z_.]+)` \|"
     documented = set(re.findall(row_key, text, re.M))
     known = {f"{s}.{k}" for s, m in sections.items() for k in _fields(m)} | {
         f"targets.credentials.{k}" for k in ("access_key_id_env", "secret_access_key_env", "file")
