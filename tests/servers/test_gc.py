@@ -40,12 +40,12 @@ from vaultsync.format.txn import (
     SetInode,
     TruncateBlocks,
 )
+from vaultsync.points.gc_documents import read_retained
 from vaultsync.points.recovery import (
     PointError,
     PointSpec,
     RecoveredVolume,
     SegmentCache,
-    read_retained,
     rebuild,
 )
 from vaultsync.points.snapshots import create_snapshot, delete_snapshot

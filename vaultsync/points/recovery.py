@@ -31,13 +31,13 @@ from vaultsync.errors import CryptoError, FormatError, VaultsyncError, VolumeErr
 from vaultsync.format import segment as seg
 from vaultsync.format.bucket_layout import (
     CHECKPOINTS,
-    RETAINED_KEY,
+    SNAPSHOTS,
     checkpoint_key,
     contiguous_end,
     parse_checkpoint_key,
     parse_segment_key,
+    parse_snapshot_key,
     parse_tail_key,
-    relocation_key,
     segment_key,
     tail_prefix,
 )
@@ -46,8 +46,9 @@ from vaultsync.format.crypto import VolumeKeys
 from vaultsync.format.header import VolumeHeader
 from vaultsync.format.state_layout import StateDir
 from vaultsync.format.txn import Transaction
+from vaultsync.points.gc_documents import read_relocation, read_retained
 from vaultsync.points.retention import Retained
-from vaultsync.points.snapshots import snapshot_key
+from vaultsync.points.snapshots import named_key
 from vaultsync.store.objectstore import ObjectMissingError, ObjectStore
 from vaultsync.store.targets import read_remote_header
 
@@ -105,9 +106,9 @@ class Rebuilt:
 
 
 async def snapshot_lsn(store: ObjectStore, name: str) -> int:
-    key = snapshot_key(name)
+    key = named_key(name)
     if await store.head(key) is None:
-        known = [o.key[len("snapshots/") : -5] async for o in store.list("snapshots/")]
+        known = [n async for o in store.list(SNAPSHOTS) if (n := parse_snapshot_key(o.key))]
         raise PointError(
             f"no snapshot named {name!r} at target {store.name!r} "
             f"(snapshots: {', '.join(known) or 'none'})"
@@ -116,33 +117,6 @@ async def snapshot_lsn(store: ObjectStore, name: str) -> int:
         return int(json.loads(await store.get(key))["lsn"])
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"target {store.name!r}: {key} is malformed ({e})") from None
-
-
-async def read_retained(store: ObjectStore) -> Retained | None:
-    """What GC keeps recoverable at this target (§2.6); None if GC never ran there."""
-    try:
-        doc = json.loads(await store.get(RETAINED_KEY))
-        return Retained.from_json(doc)
-    except ObjectMissingError:
-        return None
-    except (ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"target {store.name!r}: {RETAINED_KEY} is malformed ({e})") from None
-
-
-async def read_relocation(store: ObjectStore, segno: int) -> dict[bytes, Location]:
-    """Where the chunks of GC-deleted segment `segno` went; empty if it left no record."""
-    try:
-        doc = json.loads(await store.get(relocation_key(segno)))
-        return {
-            bytes.fromhex(k): Location(int(v[0]), int(v[1]), int(v[2]))
-            for k, v in doc["chunks"].items()
-        }
-    except ObjectMissingError:
-        return {}
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise FormatError(
-            f"target {store.name!r}: {relocation_key(segno)} is malformed ({e})"
-        ) from None
 
 
 def _not_retained(store: ObjectStore, what: str, kept: Retained) -> PointError:
