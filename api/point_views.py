@@ -43,9 +43,9 @@ from pathlib import Path
 from vaultsync.engine.filesystem import FileSystem
 from vaultsync.errors import VaultsyncError
 from vaultsync.format.bucket_layout import SEGMENTS, TAILS
+from vaultsync.points.recovered import RecoveredVolume
 from vaultsync.points.recovery import (
     PointSpec,
-    RecoveredVolume,
     SegmentCache,
     parse_point,
     rebuild,

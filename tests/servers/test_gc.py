@@ -41,13 +41,8 @@ from vaultsync.format.txn import (
     TruncateBlocks,
 )
 from vaultsync.points.gc_documents import read_retained
-from vaultsync.points.recovery import (
-    PointError,
-    PointSpec,
-    RecoveredVolume,
-    SegmentCache,
-    rebuild,
-)
+from vaultsync.points.recovered import RecoveredVolume
+from vaultsync.points.recovery import PointError, PointSpec, SegmentCache, rebuild
 from vaultsync.points.snapshots import create_snapshot, delete_snapshot
 from vaultsync.replication.gc import GcReport
 from vaultsync.replication.replicator import Replicator

@@ -28,7 +28,8 @@ from vaultsync.engine.filesystem import FileSystem
 from vaultsync.engine.posix import FsError
 from vaultsync.engine.volume import ROOT_INO
 from vaultsync.errors import VaultsyncError
-from vaultsync.points.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
+from vaultsync.points.recovered import RecoveredVolume
+from vaultsync.points.recovery import SegmentCache, parse_point, rebuild
 from vaultsync.store.objectstore import ObjectStore
 from vaultsync.store.ratelimit import RateLimiter
 
