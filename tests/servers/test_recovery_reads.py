@@ -104,7 +104,7 @@ def test_stream_and_read_chunks_match_read(
             vol = RecoveredVolume(scratch, rebuilt, keys, store, cache)
             try:
                 assert any(cache.dir.glob("*.seg")) == cached
-                fs = FileSystem(vol)  # type: ignore[arg-type]
+                fs = FileSystem(vol)
                 # The reader's careful path, which its batches fall back to: spied on.
                 slow = vol.reader.read_chunk
                 fallbacks: list[bytes] = []

@@ -48,10 +48,7 @@ ALLOWED_UPWARD: set[tuple[str, str]] = set()
 ALLOWED_CIRCLES: set[frozenset[str]] = set()
 ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 ALLOWED_SQL: set[str] = set()
-ALLOWED_INTERNALS: set[str] = {
-    "vaultsync.fuse.operations",
-    "vaultsync.api.point_views",
-}
+ALLOWED_INTERNALS: set[str] = set()
 ALLOWED_LONG: set[str] = {"vaultsync.engine.volume"}
 
 

@@ -72,7 +72,7 @@ async def _serve_point(
             time.monotonic() - t0,
             f", from checkpoint {rebuilt.checkpoint}" if rebuilt.checkpoint else "",
         )
-        fs = FileSystem(vol)  # type: ignore[arg-type]
+        fs = FileSystem(vol)
         ops = Operations(fs)
         try:
             init_fuse(ops, mountpoint, cfg.volume.name, read_only=True)

@@ -635,6 +635,12 @@ class Volume:
     def last_lsn(self) -> int:
         return self._next_lsn - 1
 
+    @property
+    def catalog_stale(self) -> bool:
+        """The catalog lost changes the journal holds (its disk filled): any answer from
+        it may be stale, so none is given until a remount replays the journal."""
+        return self.catalog.stale
+
     async def read_chunk(self, cid: bytes) -> bytes:
         return await self.reader.read_chunk(cid)
 

@@ -1,8 +1,9 @@
 """A rebuilt point in time, served read-only through `FileSystem`.
 
 `rebuild` (recovery.py) makes the catalog as of the point; this is the volume
-that a point mount, a restore and the API's point views read through it.
-Chunks come from the shared `ChunkReader`, and writes are refused with EROFS.
+that a point mount, a restore and the API's point views read through it. It
+satisfies the engine's `ServedVolume` as the live volume does: chunks come from
+the shared `ChunkReader`, and writes are refused with EROFS.
 
 Its segments (`TargetSegments`) are the local segment cache, filled by the
 rebuild, in front of the target itself: a segment the cache no longer holds is
@@ -85,7 +86,7 @@ class TargetSegments(SegmentSource):
 
 
 class RecoveredVolume:
-    """A rebuilt point: what `FileSystem` needs from a volume, read-only."""
+    """A rebuilt point: what `FileSystem` needs from a volume (engine/served.py), read-only."""
 
     def __init__(
         self,
@@ -102,7 +103,7 @@ class RecoveredVolume:
         self.last_lsn = rebuilt.lsn
         codec = Codec(rebuilt.header.compression_level, keys)
         self.reader = ChunkReader(self.catalog, codec, TargetSegments(store, cache))
-        # A point has no targets to ship to (Volume.replicate_soon).
+        # A point has no targets to ship to (ServedVolume.replicate_soon).
         self.replicate_soon: Callable[[tuple[int, int], int], None] | None = None
 
     @property
@@ -112,6 +113,10 @@ class RecoveredVolume:
     @property
     def writes_patches(self) -> bool:
         return False
+
+    @property
+    def catalog_stale(self) -> bool:
+        return self.catalog.stale
 
     async def read_chunk(self, cid: bytes) -> bytes:
         return await self.reader.read_chunk(cid)

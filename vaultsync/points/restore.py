@@ -320,7 +320,7 @@ async def restore(
             )
             vol = RecoveredVolume(Path(tmp), rebuilt, keys, store, cache)
             try:
-                fs = FileSystem(vol)  # type: ignore[arg-type]
+                fs = FileSystem(vol)
                 node = resolve_path(fs, path)
                 if total is not None:
                     total(_tree_bytes(fs, node))
