@@ -86,7 +86,9 @@ class AckGate(Protocol):
         writes, FsError(EIO) when it stays closed too long."""
 
 
-def _changes(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+def _changes(
+    fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
     """A request that changes the volume, or reports a change as stored.
 
     Refused on a read-only mount (a standby, a fenced writer). Under automatic
@@ -97,14 +99,13 @@ def _changes(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[A
     """
 
     @wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        ops: Operations = args[0]  # type: ignore[assignment]
-        if ops.read_only:
+    async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.read_only:
             raise FsError(errno.EROFS)
-        gate = ops.gate
+        gate = self.gate
         if gate is not None and not gate.is_open():
             await gate.wait_open()
-        result = await fn(*args, **kwargs)
+        result = await fn(self, *args, **kwargs)
         if gate is not None and not gate.is_open():
             await gate.wait_open()
         return result
