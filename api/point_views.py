@@ -43,9 +43,9 @@ from pathlib import Path
 from vaultsync.engine.filesystem import FileSystem
 from vaultsync.errors import VaultsyncError
 from vaultsync.format.bucket_layout import SEGMENTS, TAILS
+from vaultsync.points.recovered import RecoveredVolume
 from vaultsync.points.recovery import (
     PointSpec,
-    RecoveredVolume,
     SegmentCache,
     parse_point,
     rebuild,
@@ -163,7 +163,7 @@ class PointViews:
         text = (at or "").strip()
         if self.live is not None and text in LIVE_WORDS:
             vol = self.live.vol
-            if vol.catalog.stale:  # lost changes the journal has (a full disk): see volume.py
+            if vol.catalog_stale:  # lost changes the journal has (a full disk): see volume.py
                 raise ApiError(
                     503,
                     "catalog_failed",
@@ -233,7 +233,7 @@ class PointViews:
             await asyncio.to_thread(shutil.rmtree, where, True)
             raise
         vol = RecoveredVolume(where, rebuilt, keys, self.store, self.segments)
-        fs = FileSystem(vol, cache_limit=VIEW_CACHE)  # type: ignore[arg-type]
+        fs = FileSystem(vol, cache_limit=VIEW_CACHE)
         # Read-ahead fills the chunk cache in one go: a span larger than half the cache
         # (32 blocks of 1 MiB chunks) evicted its own first blocks before they were read,
         # and every block was decoded twice. Keep the span within half the cache.

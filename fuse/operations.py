@@ -14,7 +14,7 @@ import stat
 import time
 from collections.abc import Callable, Coroutine
 from functools import wraps
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
@@ -36,20 +36,22 @@ ATTR_TIMEOUT = 30.0
 ENTRY_TIMEOUT = 30.0
 
 
-def _errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+def _errors(
+    fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
     """FsError becomes its errno, a full disk ENOSPC; anything else is a bug, logged, and EIO
     for the caller."""
 
     @wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         running.count += 1
         try:
-            if args and args[0].fs.vol.catalog.stale:  # type: ignore[attr-defined]
+            if self.fs.vol.catalog_stale:
                 # The catalog lost changes the journal has (a full disk): any answer
                 # could be stale. The next mount replays them.
                 full.warning("%s refused: the catalog must be rebuilt; remount", fn.__name__)
                 raise pyfuse3.FUSEError(errno.EIO)
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         except pyfuse3.FUSEError:
@@ -84,7 +86,9 @@ class AckGate(Protocol):
         writes, FsError(EIO) when it stays closed too long."""
 
 
-def _changes(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+def _changes(
+    fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
     """A request that changes the volume, or reports a change as stored.
 
     Refused on a read-only mount (a standby, a fenced writer). Under automatic
@@ -95,14 +99,13 @@ def _changes(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[A
     """
 
     @wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        ops: Operations = args[0]  # type: ignore[assignment]
-        if ops.read_only:
+    async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.read_only:
             raise FsError(errno.EROFS)
-        gate = ops.gate
+        gate = self.gate
         if gate is not None and not gate.is_open():
             await gate.wait_open()
-        result = await fn(*args, **kwargs)
+        result = await fn(self, *args, **kwargs)
         if gate is not None and not gate.is_open():
             await gate.wait_open()
         return result

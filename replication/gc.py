@@ -44,6 +44,7 @@ from vaultsync.format.bucket_layout import (
     CHECKPOINTS,
     RELOCATIONS,
     RETAINED_KEY,
+    SNAPSHOTS,
     checkpoint_key,
     parse_checkpoint_key,
     parse_relocation_key,
@@ -54,7 +55,6 @@ from vaultsync.format.state_layout import StateDir
 from vaultsync.format.txn import SetBlocks
 from vaultsync.points.gcplan import SegmentRow, plan_segments, replay_segments
 from vaultsync.points.retention import Point, Retained, plan_retention
-from vaultsync.points.snapshots import SNAPSHOTS
 from vaultsync.store.objectstore import ObjectMissingError, ObjectStore, StoreError
 
 log = logging.getLogger("vaultsync.gc")

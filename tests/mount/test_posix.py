@@ -1563,6 +1563,7 @@ async def test_fsync_waits_for_a_flush_already_in_flight(fs: FileSystem) -> None
     """fsync must not return while another flush (timer, close) still encodes the data."""
     ino = await _new_file(fs)
     vol = fs.vol
+    assert isinstance(vol, Volume)
     data_lsns: list[int] = []
     orig = vol.commit_nowait
 
@@ -1705,6 +1706,7 @@ async def test_a_write_fsync_rhythm_ships_the_next_write_ahead_of_its_fsync(
     await fs.write(ino, 0, b"z" * 100)
     # Before the write is answered, not some time after.
     assert asked and asked[-1][1] == lsn + 1, "the write was not committed and shipped"
+    assert isinstance(fs.vol, Volume)
     assert asked[-1][0] == (fs.vol.journal.segno, fs.vol.journal.size)
     assert await fs.read(ino, 0, 100) == b"z" * 100
     # A second write before the fsync is not shipped ahead; and that fsync, after two

@@ -29,6 +29,7 @@ from tests.support.mounting import Mount, PointMount, cli
 from tests.support.targets import sync_and_async_targets, target_for
 from vaultsync.commands.local_servers import LocalProvider
 from vaultsync.config import Config
+from vaultsync.engine.served import ServedVolume
 from vaultsync.engine.volume import ROOT_INO, Volume
 from vaultsync.format.bucket_layout import checkpoint_key, parse_segment_key
 from vaultsync.format.patch import PatchPlan
@@ -40,14 +41,9 @@ from vaultsync.format.txn import (
     SetInode,
     TruncateBlocks,
 )
-from vaultsync.points.recovery import (
-    PointError,
-    PointSpec,
-    RecoveredVolume,
-    SegmentCache,
-    read_retained,
-    rebuild,
-)
+from vaultsync.points.gc_documents import read_retained
+from vaultsync.points.recovered import RecoveredVolume
+from vaultsync.points.recovery import PointError, PointSpec, SegmentCache, rebuild
 from vaultsync.points.snapshots import create_snapshot, delete_snapshot
 from vaultsync.replication.gc import GcReport
 from vaultsync.replication.replicator import Replicator
@@ -73,7 +69,7 @@ steps = st.lists(
 )
 
 
-async def read_tree(vol: Volume | RecoveredVolume) -> Tree:
+async def read_tree(vol: ServedVolume) -> Tree:
     out: Tree = {}
     for d, _ in vol.catalog.listdir(ROOT_INO, 0, 10_000):
         blocks = vol.catalog.blocks(d.ino)

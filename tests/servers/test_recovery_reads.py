@@ -1,7 +1,7 @@
 """Batched reads of a recovered point: what restore and point mounts read through.
 
-`RecoveredVolume.read_chunks` takes two paths (os.pread from cached segments,
-ranged GETs of runs of neighbouring records) and `FileSystem.stream` stitches
+`ChunkReader.read_chunks` takes two paths for a recovered volume (os.pread from
+cached segments, ranged GETs of runs of neighbouring records) and `FileSystem.stream` stitches
 blocks together in batches; both must give exactly what `FileSystem.read`
 gives, for files with holes, short blocks in the middle, repeated
 (deduplicated) blocks and more segments than one run covers, from a real
@@ -21,10 +21,11 @@ import pytest
 from tests.support.targets import target_for
 from vaultsync.commands.local_servers import LocalProvider
 from vaultsync.config import Config
+from vaultsync.engine.chunk_reader import ChunkReader
 from vaultsync.engine.filesystem import FileSystem
 from vaultsync.engine.volume import ROOT_INO, Volume
-from vaultsync.points import recovery
-from vaultsync.points.recovery import PointSpec, RecoveredVolume, SegmentCache, rebuild
+from vaultsync.points.recovered import RecoveredVolume
+from vaultsync.points.recovery import PointSpec, SegmentCache, rebuild
 from vaultsync.replication.replicator import Replicator
 from vaultsync.store.objectstore import ObjectStore
 from vaultsync.store.targets import init_volume
@@ -92,7 +93,7 @@ def test_stream_and_read_chunks_match_read(
     )
     want = asyncio.run(_write_files(cfg))
     # Small runs and batches, so that runs split and batches chain.
-    monkeypatch.setattr(recovery, "FETCH_SPAN", 3 * BS)
+    monkeypatch.setattr(ChunkReader, "RUN_SPAN", 3 * BS)
     monkeypatch.setattr(FileSystem, "STREAM_BATCH", 7 * BS)
 
     async def check() -> None:
@@ -103,15 +104,16 @@ def test_stream_and_read_chunks_match_read(
             vol = RecoveredVolume(scratch, rebuilt, keys, store, cache)
             try:
                 assert any(cache.dir.glob("*.seg")) == cached
-                fs = FileSystem(vol)  # type: ignore[arg-type]
-                slow = vol.read_chunk
+                fs = FileSystem(vol)
+                # The reader's careful path, which its batches fall back to: spied on.
+                slow = vol.reader.read_chunk
                 fallbacks: list[bytes] = []
 
                 async def counted(cid: bytes) -> bytes:
                     fallbacks.append(cid)
                     return await slow(cid)
 
-                vol.read_chunk = counted  # type: ignore[method-assign]
+                vol.reader.read_chunk = counted  # type: ignore[method-assign]
                 for name, data in want.items():
                     ino = fs.lookup(ROOT_INO, name).ino
                     pieces = [p async for p in fs.stream(ino)]
@@ -121,9 +123,9 @@ def test_stream_and_read_chunks_match_read(
                     assert await fs.read(ino, 0, len(data) + 10) == data, name
                     blocks = vol.catalog.blocks(ino)
                     cids = [blocks[b][0] for b in sorted(blocks)]
-                    vol.read_chunk = slow  # type: ignore[method-assign]
+                    vol.reader.read_chunk = slow  # type: ignore[method-assign]
                     one_by_one = [await slow(c) for c in cids]  # (a patch reads its base)
-                    vol.read_chunk = counted  # type: ignore[method-assign]
+                    vol.reader.read_chunk = counted  # type: ignore[method-assign]
                     assert await vol.read_chunks(cids) == one_by_one
                     assert await vol.read_chunks(cids[::-1]) == one_by_one[::-1]
             finally:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import sqlite3
 from pathlib import Path
 
+import pyfuse3
 import pytest
 
 from tests.support.volume_helpers import dump_catalog, file_ops
+from vaultsync.engine.filesystem import FileSystem
 from vaultsync.engine.volume import ROOT_INO, Volume
 from vaultsync.errors import CorruptRecordError, VolumeError
 from vaultsync.format.header import new_header
 from vaultsync.format.state_layout import CATALOG, StateDir
+from vaultsync.fuse.operations import Operations
 
 
 async def make_volume(state: Path, passphrase: str | None = None, **kw: object) -> Volume:
@@ -159,7 +163,11 @@ async def test_a_catalog_that_cannot_be_written_stops_the_volume_and_loses_nothi
     with pytest.raises(VolumeError, match="could not be written"):
         await _new_file(vol, 104)
     monkeypatch.undo()
-    assert vol.read_only and vol.catalog.stale
+    assert vol.read_only and vol.catalog.stale and vol.catalog_stale
+    # Nothing is answered from it now: a FUSE request is refused before it is read.
+    with pytest.raises(pyfuse3.FUSEError) as refused:
+        await Operations(FileSystem(vol)).getattr(ROOT_INO)
+    assert refused.value.errno == errno.EIO
     with pytest.raises(VolumeError):
         await _new_file(vol, 105)
     with pytest.raises(VolumeError):

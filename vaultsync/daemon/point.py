@@ -44,7 +44,8 @@ async def _serve_point(
 
     from vaultsync.fuse import loop as fuse_loop
     from vaultsync.fuse.operations import Operations
-    from vaultsync.points.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
+    from vaultsync.points.recovered import RecoveredVolume
+    from vaultsync.points.recovery import SegmentCache, parse_point, rebuild
     from vaultsync.store.objectstore import ObjectStore
 
     fuse_loop.enable(cfg.mount.busy_poll_us / 1e6)
@@ -71,7 +72,7 @@ async def _serve_point(
             time.monotonic() - t0,
             f", from checkpoint {rebuilt.checkpoint}" if rebuilt.checkpoint else "",
         )
-        fs = FileSystem(vol)  # type: ignore[arg-type]
+        fs = FileSystem(vol)
         ops = Operations(fs)
         try:
             init_fuse(ops, mountpoint, cfg.volume.name, read_only=True)

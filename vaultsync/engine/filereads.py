@@ -34,7 +34,7 @@ from typing import Any
 from vaultsync.engine.catalog import Catalog, Inode
 from vaultsync.engine.filedata import FileData
 from vaultsync.engine.posix import FsError
-from vaultsync.engine.volume import Volume
+from vaultsync.engine.served import ServedVolume
 
 
 class ChunkCache:
@@ -67,7 +67,7 @@ class FileReads(ABC):
 
     # The state these methods share with the rest of FileSystem, which sets (and
     # explains) it in its __init__.
-    vol: Volume
+    vol: ServedVolume
     cat: Catalog
     block_size: int
     cache: ChunkCache

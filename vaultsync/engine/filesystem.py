@@ -58,7 +58,8 @@ from vaultsync.engine.posix import (
     clamp_time,
     set_inode,
 )
-from vaultsync.engine.volume import ROOT_INO, Volume, catalog_reserve
+from vaultsync.engine.served import ServedVolume
+from vaultsync.engine.volume import ROOT_INO, catalog_reserve
 from vaultsync.format.txn import DropDirent, DropInode, Op, SetDirent, SetXattr
 
 
@@ -67,7 +68,7 @@ class FileSystem(FileWrites):
 
     def __init__(
         self,
-        vol: Volume,
+        vol: ServedVolume,
         *,
         dirty_limit: int = 64 << 20,
         cache_limit: int = 64 << 20,

@@ -285,7 +285,7 @@ class FileWrites(FileReads):
     async def _patch_plan(self, origin: Origin | None, data: bytes) -> PatchPlan | None:
         """How to store `data` as a patch of the chunk it was loaded from, when that is
         worth it (far fewer bytes than the block); None: store it whole."""
-        if origin is None or origin.keep == 0 or not getattr(self.vol, "writes_patches", False):
+        if origin is None or origin.keep == 0 or not self.vol.writes_patches:
             return None
         plan = PatchPlan(origin.cid, origin.keep, tuple(origin.ranges))
         inner = await self.vol.patch_plan(origin.cid)
@@ -353,7 +353,7 @@ class FileWrites(FileReads):
             buf.fsync_streak >= self.KICK_STREAK
             and buf.writes_since_fsync == 1  # only the first write after an fsync
             and size <= self.KICK_MAX
-            and getattr(self.vol, "replicate_soon", None) is not None
+            and self.vol.replicate_soon is not None
         )
 
     async def flush_some(self) -> None:

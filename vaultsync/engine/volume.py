@@ -18,10 +18,8 @@ cuts it; the catalog had not seen that LSN, and it was never acknowledged.
 A segment is recorded as sealed in the catalog (and so becomes eligible for
 upload) only after the sync that made its last byte durable.
 
-Local state directory:
-    volume.json   copy of the bucket header (identity and parameters)
-    catalog.db    SQLite catalog (catalog.py)
-    journal/      segment files (journal.py)
+Chunks are read back by `reader` (chunk_reader.py); the names of the files in
+the state directory are in format/state_layout.py.
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ from pathlib import Path
 
 from vaultsync.engine.catalog import Catalog, SealedSegment, StoredChunk
 from vaultsync.engine.catalog_image import build_image
+from vaultsync.engine.chunk_reader import ChunkReader, JournalSource, RemoteRead
 from vaultsync.engine.journal import Journal, Location, RecoveryReport
 from vaultsync.engine.lowprio import in_background
 from vaultsync.errors import (
@@ -50,7 +49,7 @@ from vaultsync.errors import (
     VolumeError,
 )
 from vaultsync.format import segment as seg
-from vaultsync.format.chunks import Codec, PatchNeedsBase
+from vaultsync.format.chunks import Codec
 from vaultsync.format.crypto import VolumeKeys
 from vaultsync.format.header import VolumeHeader
 from vaultsync.format.patch import PatchPlan
@@ -71,30 +70,6 @@ class PreparedChunk:
     # the base be gone from the catalog by the commit (GC dropped it meanwhile).
     base: bytes | None = None
     data: bytes | None = None
-
-
-async def decode_patches(
-    codec: Codec,
-    patches: Sequence[tuple[int, seg.Record, bytes]],
-    cids: Sequence[bytes],
-    out: list[bytes | None],
-    read_chunks: Callable[[Sequence[bytes]], Awaitable[list[bytes]]],
-) -> None:
-    """Decode the patch records a batched read met (`(index, record, base id)`) into
-    `out`, their bases read in one more batch. One that fails stays None: the caller
-    reads it again one by one, the way that says what is wrong."""
-    wanted = list(dict.fromkeys(b for _i, _r, b in patches))
-    try:
-        bases = dict(zip(wanted, await read_chunks(wanted), strict=True))
-    except (VolumeError, FormatError, CryptoError, OSError):
-        return
-
-    def work() -> None:
-        for i, rec, base in patches:
-            with contextlib.suppress(FormatError, CryptoError):
-                out[i] = codec.decode_chunk(rec, expect_id=cids[i], base=bases[base])
-
-    await asyncio.to_thread(work)
 
 
 def has_volume(state_dir: Path) -> bool:
@@ -183,7 +158,10 @@ class Volume:
         # journal up to a position now, without waiting (`ship_now`).
         self.replicate_soon: Callable[[tuple[int, int], int], None] | None = None
         # Set by the replicator: read a chunk record from the targets (verified by id).
-        self.fetch_remote: Callable[[Location, bytes], Awaitable[bytes]] | None = None
+        self.fetch_remote: RemoteRead | None = None
+        self.reader = ChunkReader(
+            catalog, self.codec, JournalSource(journal, lambda: self.fetch_remote)
+        )
         # While GC decides what is garbage, every chunk id a new transaction refers to
         # is noted here, so that GC never drops a chunk a concurrent write just reused.
         self.gc_watch: set[bytes] | None = None
@@ -330,7 +308,6 @@ class Volume:
     # -- writing ----------------------------------------------------------------
     # Below this size a block is encoded inline: a thread hop costs more than the work.
     INLINE_PREPARE = 64 * 1024
-    INLINE_READ = 128 * 1024
     PARALLEL_PREPARE = 1 << 20
 
     async def prepare_chunks(
@@ -391,7 +368,7 @@ class Volume:
         if loc is None:
             return None
         try:
-            base, keep, ranges = self.codec.patch_info(await self._record(loc))
+            base, keep, ranges = self.codec.patch_info(await self.reader.record(loc, cid))
         except (OSError, FormatError, CryptoError):
             return None  # unreadable here: the caller stores the block whole
         plan = PatchPlan(base, keep, tuple(ranges))
@@ -587,65 +564,6 @@ class Volume:
             return segno
         return None
 
-    async def read_chunks(self, cids: Sequence[bytes]) -> list[bytes]:
-        """Several chunks in one worker-thread trip; neighbours in a segment in one read.
-
-        A file written sequentially lies in the journal in order, so a sequential
-        read (and its read-ahead) becomes a few large reads instead of many small.
-        """
-        found = self.catalog.chunk_locations(cids)
-        locs = [found.get(c) for c in cids]
-
-        patches: list[tuple[int, seg.Record, bytes]] = []  # decoded once bases are read
-
-        def work() -> list[bytes | None]:
-            out: list[bytes | None] = [None] * len(cids)
-            order = sorted(
-                (i for i, loc in enumerate(locs) if loc is not None),
-                key=lambda i: (locs[i].segno, locs[i].offset),  # type: ignore[union-attr]
-            )
-            k = 0
-            while k < len(order):
-                first = locs[order[k]]
-                assert first is not None
-                j, end = k, first.offset + first.length
-                while j + 1 < len(order):
-                    nxt = locs[order[j + 1]]
-                    assert nxt is not None
-                    if (
-                        nxt.segno != first.segno
-                        or nxt.offset != end
-                        or end - first.offset > 8 << 20
-                    ):
-                        break
-                    j, end = j + 1, nxt.offset + nxt.length
-                try:
-                    with self.journal.path(first.segno).open("rb") as f:
-                        f.seek(first.offset)
-                        span = f.read(end - first.offset)
-                except OSError:
-                    span = b""  # each of these goes the careful way below
-                for i in order[k : j + 1] if span else ():
-                    loc = locs[i]
-                    assert loc is not None
-                    raw = span[loc.offset - first.offset : loc.offset - first.offset + loc.length]
-                    try:
-                        rec = seg.decode_record(raw, f"segment {loc.segno}@{loc.offset}")
-                        out[i] = self.codec.decode_chunk(rec, expect_id=cids[i])
-                    except PatchNeedsBase as p:
-                        patches.append((i, rec, p.base))
-                    except (FormatError, CryptoError):
-                        pass  # damage: read_chunk below deals with it
-                k = j + 1
-            return out
-
-        got = await asyncio.to_thread(work)
-        if patches:
-            await decode_patches(self.codec, patches, cids, got, self.read_chunks)
-        return [
-            g if g is not None else await self.read_chunk(c) for g, c in zip(got, cids, strict=True)
-        ]
-
     @property
     def epoch(self) -> int:
         """This writer's epoch (docs/format.md §2.4); new segments carry it."""
@@ -717,42 +635,18 @@ class Volume:
     def last_lsn(self) -> int:
         return self._next_lsn - 1
 
-    async def _record(self, loc: Location) -> seg.Record:
-        """A small record: read here if it is in the page cache, else in a thread."""
-        rec = self.journal.read_if_cached(loc)
-        return rec if rec is not None else await asyncio.to_thread(self.journal.read, loc)
+    @property
+    def catalog_stale(self) -> bool:
+        """The catalog lost changes the journal holds (its disk filled): any answer from
+        it may be stale, so none is given until a remount replays the journal."""
+        return self.catalog.stale
 
     async def read_chunk(self, cid: bytes) -> bytes:
-        loc = self.catalog.chunk_location(cid)
-        if loc is None:
-            raise VolumeError(f"chunk {cid.hex()[:16]}… is not in the catalog")
+        return await self.reader.read_chunk(cid)
 
-        def work() -> bytes:
-            return self.codec.decode_chunk(self.journal.read(loc), expect_id=cid)
-
-        try:
-            try:
-                if loc.length <= self.INLINE_READ:
-                    # A small record already in memory: decoding it here (hash, decompress)
-                    # costs less than the hop to a thread and back (a 4 KiB rewrite of a
-                    # 64 KiB block reads the block first).
-                    rec = self.journal.read_if_cached(loc)
-                    if rec is not None:
-                        return self.codec.decode_chunk(rec, expect_id=cid)
-                return await asyncio.to_thread(work)
-            except PatchNeedsBase as p:
-                # A patch (small): its base first, then the patch over it, here.
-                base = await self.read_chunk(p.base)
-                rec = await self._record(loc)  # just read: in the page cache
-                return self.codec.decode_chunk(rec, expect_id=cid, base=base)
-        except (OSError, FormatError, CryptoError) as e:
-            if self.fetch_remote is None:
-                raise VolumeError(
-                    f"chunk {cid.hex()[:16]}… cannot be read from the local journal "
-                    f"({e}) and no target is configured to read it from"
-                ) from e
-            # The local copy is gone or bad: the targets hold the same bytes.
-            return await self.fetch_remote(loc, cid)
+    async def read_chunks(self, cids: Sequence[bytes]) -> list[bytes]:
+        """Several chunks in one go; neighbours in a segment in one read (chunk_reader.py)."""
+        return await self.reader.read_chunks(cids)
 
     # -- for replication, GC and salvage ------------------------------------------------
     # What code outside the engine may ask of the journal and the catalog, which it never

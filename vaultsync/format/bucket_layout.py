@@ -99,6 +99,30 @@ def parse_relocation_key(key: str) -> int | None:
     return int(m.group(1), 16) if m else None
 
 
+SNAPSHOTS = "snapshots/"
+# A snapshot name as §2.3 allows it: what a key can hold without escaping.
+_SNAPSHOT_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_SNAPSHOT_NAME_RE = re.compile(_SNAPSHOT_NAME)
+_SNAPSHOT_RE = re.compile(rf"snapshots/({_SNAPSHOT_NAME})\.json")
+
+
+def is_snapshot_name(name: str) -> bool:
+    """1‥128 characters from `A-Z a-z 0-9 . _ -`, starting with a letter or digit (§2.3)."""
+    return _SNAPSHOT_NAME_RE.fullmatch(name) is not None
+
+
+def snapshot_key(name: str) -> str:
+    """The named point `name` (§2.3); ValueError unless `is_snapshot_name(name)`."""
+    if not is_snapshot_name(name):
+        raise ValueError(f"not a snapshot name: {name!r}")
+    return f"{SNAPSHOTS}{name}.json"
+
+
+def parse_snapshot_key(key: str) -> str | None:
+    m = _SNAPSHOT_RE.fullmatch(key)
+    return m.group(1) if m else None
+
+
 HEARTBEATS = "heartbeat/"
 _HEARTBEAT_RE = re.compile(r"^heartbeat/([0-9a-f]{16})\.json$")
 

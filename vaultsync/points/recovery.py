@@ -14,11 +14,9 @@ name (snapshots/<name>.json holds an LSN).
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
-import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,29 +24,29 @@ from pathlib import Path
 from vaultsync.engine.catalog import READABLE_SCHEMAS, Catalog, StoredChunk
 from vaultsync.engine.catalog_image import image_schema
 from vaultsync.engine.journal import Location
-from vaultsync.engine.volume import decode_patches
-from vaultsync.errors import CryptoError, FormatError, VaultsyncError, VolumeError
+from vaultsync.errors import FormatError, VaultsyncError, VolumeError
 from vaultsync.format import segment as seg
 from vaultsync.format.bucket_layout import (
     CHECKPOINTS,
-    RETAINED_KEY,
+    SNAPSHOTS,
     checkpoint_key,
     contiguous_end,
     parse_checkpoint_key,
     parse_segment_key,
+    parse_snapshot_key,
     parse_tail_key,
-    relocation_key,
     segment_key,
     tail_prefix,
 )
-from vaultsync.format.chunks import Codec, PatchNeedsBase
+from vaultsync.format.chunks import Codec
 from vaultsync.format.crypto import VolumeKeys
 from vaultsync.format.header import VolumeHeader
 from vaultsync.format.state_layout import StateDir
 from vaultsync.format.txn import Transaction
+from vaultsync.points.gc_documents import read_retained
 from vaultsync.points.retention import Retained
-from vaultsync.points.snapshots import snapshot_key
-from vaultsync.store.objectstore import ObjectMissingError, ObjectStore
+from vaultsync.points.snapshots import named_key
+from vaultsync.store.objectstore import ObjectStore
 from vaultsync.store.targets import read_remote_header
 
 
@@ -105,9 +103,9 @@ class Rebuilt:
 
 
 async def snapshot_lsn(store: ObjectStore, name: str) -> int:
-    key = snapshot_key(name)
+    key = named_key(name)
     if await store.head(key) is None:
-        known = [o.key[len("snapshots/") : -5] async for o in store.list("snapshots/")]
+        known = [n async for o in store.list(SNAPSHOTS) if (n := parse_snapshot_key(o.key))]
         raise PointError(
             f"no snapshot named {name!r} at target {store.name!r} "
             f"(snapshots: {', '.join(known) or 'none'})"
@@ -116,33 +114,6 @@ async def snapshot_lsn(store: ObjectStore, name: str) -> int:
         return int(json.loads(await store.get(key))["lsn"])
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"target {store.name!r}: {key} is malformed ({e})") from None
-
-
-async def read_retained(store: ObjectStore) -> Retained | None:
-    """What GC keeps recoverable at this target (§2.6); None if GC never ran there."""
-    try:
-        doc = json.loads(await store.get(RETAINED_KEY))
-        return Retained.from_json(doc)
-    except ObjectMissingError:
-        return None
-    except (ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"target {store.name!r}: {RETAINED_KEY} is malformed ({e})") from None
-
-
-async def read_relocation(store: ObjectStore, segno: int) -> dict[bytes, Location]:
-    """Where the chunks of GC-deleted segment `segno` went; empty if it left no record."""
-    try:
-        doc = json.loads(await store.get(relocation_key(segno)))
-        return {
-            bytes.fromhex(k): Location(int(v[0]), int(v[1]), int(v[2]))
-            for k, v in doc["chunks"].items()
-        }
-    except ObjectMissingError:
-        return {}
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise FormatError(
-            f"target {store.name!r}: {relocation_key(segno)} is malformed ({e})"
-        ) from None
 
 
 def _not_retained(store: ObjectStore, what: str, kept: Retained) -> PointError:
@@ -402,174 +373,3 @@ async def rebuild(
         )
     await asyncio.to_thread(catalog.end_bulk, cat_path, durable)
     return result, keys
-
-
-FETCH_SPAN = 8 << 20  # the most bytes one ranged GET of neighbouring chunks asks for
-FETCH_PARALLEL = 4  # ranged GETs in flight per recovered volume
-
-
-def _runs(
-    items: list[tuple[int, Location]],
-) -> dict[int, list[tuple[int, int, list[tuple[int, Location]]]]]:
-    """Per segment, (start, end, items) runs of adjacent records, each at most FETCH_SPAN."""
-    by_seg: dict[int, list[tuple[int, Location]]] = {}
-    for item in items:
-        by_seg.setdefault(item[1].segno, []).append(item)
-    out: dict[int, list[tuple[int, int, list[tuple[int, Location]]]]] = {}
-    for segno, group in by_seg.items():
-        group.sort(key=lambda it: it[1].offset)
-        runs: list[tuple[int, int, list[tuple[int, Location]]]] = []
-        for item in group:
-            loc = item[1]
-            if runs:
-                start, end, run = runs[-1]
-                if start <= loc.offset <= end and loc.offset + loc.length - start <= FETCH_SPAN:
-                    runs[-1] = (start, max(end, loc.offset + loc.length), [*run, item])
-                    continue
-            runs.append((loc.offset, loc.offset + loc.length, [item]))
-        out[segno] = runs
-    return out
-
-
-class RecoveredVolume:
-    """A rebuilt point, served read-only: what `FileSystem` needs from a volume, and no writes.
-
-    Chunk bytes come from the segment cache, else by ranged GET from the
-    target (then verified by id, like every read).
-    """
-
-    read_only = True
-
-    def __init__(
-        self,
-        state_dir: Path,
-        rebuilt: Rebuilt,
-        keys: VolumeKeys | None,
-        store: ObjectStore,
-        cache: SegmentCache,
-    ) -> None:
-        self.state_dir = state_dir
-        self.header = rebuilt.header
-        self.catalog = rebuilt.catalog
-        self.codec = Codec(rebuilt.header.compression_level, keys)
-        self.point = rebuilt
-        self.store = store
-        self.cache = cache
-        self.last_lsn = rebuilt.lsn
-        self._moved: dict[int, dict[bytes, Location]] = {}
-        self._fetching = asyncio.Semaphore(FETCH_PARALLEL)
-
-    async def read_chunk(self, cid: bytes) -> bytes:
-        loc = self.catalog.chunk_location(cid)
-        if loc is None:
-            raise VolumeError(f"chunk {cid.hex()[:16]}… is not in the catalog")
-        raw = await asyncio.to_thread(self.cache.read, loc)
-        for _hop in range(16):
-            if raw is not None:
-                break
-            try:
-                raw = await self.store.get(
-                    segment_key(loc.segno), (loc.offset, loc.offset + loc.length)
-                )
-            except ObjectMissingError:
-                # GC deleted that segment after moving the chunk on (§2.6).
-                moved = self._moved.get(loc.segno)
-                if moved is None:
-                    moved = self._moved[loc.segno] = await read_relocation(self.store, loc.segno)
-                if cid not in moved:
-                    raise
-                loc = moved[cid]
-                raw = await asyncio.to_thread(self.cache.read, loc)
-        if raw is None:
-            raise VolumeError(f"chunk {cid.hex()[:16]}… was moved too often to follow")
-        rec = seg.decode_record(raw, f"target {self.store.name!r} segment {loc.segno}")
-        base_id = seg.patch_base(rec)
-        base = await self.read_chunk(base_id) if base_id is not None else None
-        return await asyncio.to_thread(self.codec.decode_chunk, rec, cid, base=base)
-
-    async def read_chunks(self, cids: Sequence[bytes]) -> list[bytes]:
-        """Several chunks at once: what a sequential read or a restore asks for.
-
-        One catalog query for all of them; chunks in cached segments are read
-        with os.pread in one worker-thread trip; the rest are fetched as ranged
-        GETs that each cover a run of neighbouring records (a file written in
-        order lies in its segments in order), FETCH_PARALLEL of them in flight
-        per volume. Records are checked and decoded off the event loop. Anything
-        that does not come back whole and verified this way (a segment GC moved,
-        a bad record) is read again by `read_chunk`, which knows the slow cases.
-        """
-        locs = self.catalog.chunk_locations(cids)
-        out: list[bytes | None] = [None] * len(cids)
-        local: list[tuple[int, Location]] = []
-        remote: list[tuple[int, Location]] = []
-        cached: dict[int, bool] = {}
-        for i, c in enumerate(cids):
-            loc = locs.get(c)
-            if loc is not None:
-                if loc.segno not in cached:
-                    cached[loc.segno] = self.cache.has(loc.segno)
-                (local if cached[loc.segno] else remote).append((i, loc))
-
-        patches: list[tuple[int, seg.Record, bytes]] = []  # decoded once bases are read
-
-        def decode(span: bytes, start: int, run: list[tuple[int, Location]]) -> None:
-            for i, loc in run:
-                raw = span[loc.offset - start : loc.offset - start + loc.length]
-                try:
-                    rec = seg.decode_record(raw, f"segment {loc.segno}@{loc.offset}")
-                    out[i] = self.codec.decode_chunk(rec, expect_id=cids[i])
-                except PatchNeedsBase as p:
-                    patches.append((i, rec, p.base))
-                except (FormatError, CryptoError):
-                    pass  # read_chunk below says what is wrong
-
-        def read_local() -> None:
-            for segno, runs in _runs(local).items():
-                try:
-                    fd = os.open(self.cache.path(segno), os.O_RDONLY)
-                except OSError:
-                    continue  # evicted meanwhile
-                try:
-                    for start, end, run in runs:
-                        decode(os.pread(fd, end - start, start), start, run)
-                finally:
-                    os.close(fd)
-
-        async def fetch(segno: int, start: int, end: int, run: list[tuple[int, Location]]) -> None:
-            async with self._fetching:
-                try:
-                    span = await self.store.get(segment_key(segno), (start, end))
-                except ObjectMissingError:
-                    return  # GC moved these chunks: read_chunk follows the relocation
-            await asyncio.to_thread(decode, span, start, run)
-
-        jobs = [
-            fetch(segno, start, end, run)
-            for segno, runs in _runs(remote).items()
-            for start, end, run in runs
-        ]
-        if local:
-            jobs.append(asyncio.to_thread(read_local))
-        await asyncio.gather(*jobs)
-        if patches:
-            await decode_patches(self.codec, patches, cids, out, self.read_chunks)
-        return [
-            g if g is not None else await self.read_chunk(c) for g, c in zip(out, cids, strict=True)
-        ]
-
-    def commit_nowait(self, ops: object, chunks: object = ()) -> int:
-        from vaultsync.engine.posix import FsError
-
-        raise FsError(errno.EROFS)  # a point in time is not writable
-
-    async def prepare_chunks(self, blocks: object) -> list[object]:
-        return []
-
-    async def sync(self, replicate: bool = True) -> None:
-        return None
-
-    async def maybe_seal(self, force: bool = False) -> None:
-        return None
-
-    async def close(self) -> None:
-        self.catalog.close()

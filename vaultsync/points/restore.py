@@ -28,7 +28,8 @@ from vaultsync.engine.filesystem import FileSystem
 from vaultsync.engine.posix import FsError
 from vaultsync.engine.volume import ROOT_INO
 from vaultsync.errors import VaultsyncError
-from vaultsync.points.recovery import RecoveredVolume, SegmentCache, parse_point, rebuild
+from vaultsync.points.recovered import RecoveredVolume
+from vaultsync.points.recovery import SegmentCache, parse_point, rebuild
 from vaultsync.store.objectstore import ObjectStore
 from vaultsync.store.ratelimit import RateLimiter
 
@@ -319,7 +320,7 @@ async def restore(
             )
             vol = RecoveredVolume(Path(tmp), rebuilt, keys, store, cache)
             try:
-                fs = FileSystem(vol)  # type: ignore[arg-type]
+                fs = FileSystem(vol)
                 node = resolve_path(fs, path)
                 if total is not None:
                     total(_tree_bytes(fs, node))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,26 +19,33 @@ from vaultsync.engine.catalog import read_only
 from vaultsync.engine.volume import has_volume
 from vaultsync.errors import VaultsyncError, VolumeError
 from vaultsync.format import segment as seg
-from vaultsync.format.bucket_layout import parse_segment_key, segment_key, tail_prefix
+from vaultsync.format.bucket_layout import (
+    SNAPSHOTS,
+    is_snapshot_name,
+    parse_segment_key,
+    segment_key,
+    snapshot_key,
+    tail_prefix,
+)
 from vaultsync.format.state_layout import StateDir
+from vaultsync.points.gc_documents import read_retained
 from vaultsync.store.objectstore import ObjectStore, StoreError
 from vaultsync.store.targets import open_stores
-
-SNAPSHOTS = "snapshots/"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class SnapshotError(VaultsyncError):
     pass
 
 
-def snapshot_key(name: str) -> str:
-    if not _NAME_RE.match(name):
+def named_key(name: str) -> str:
+    """The key of snapshot `name`; a name the format does not allow is refused with the
+    rule spelled out, since it usually comes straight from the user."""
+    if not is_snapshot_name(name):
         raise SnapshotError(
             f"snapshot name {name!r} is invalid: 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
-    return f"{SNAPSHOTS}{name}.json"
+    return snapshot_key(name)
 
 
 def _local_last_lsn(cfg: Config) -> int:
@@ -51,7 +57,7 @@ def _local_last_lsn(cfg: Config) -> int:
 
 
 async def create_snapshot(cfg: Config, name: str, lsn: int | None = None) -> dict[str, Any]:
-    key = snapshot_key(name)
+    key = named_key(name)
     lsn = lsn if lsn is not None else _local_last_lsn(cfg)
     doc = {"name": name, "lsn": lsn, "created_ns": time.time_ns()}
     body = json.dumps(doc).encode()
@@ -85,7 +91,7 @@ async def list_snapshots(cfg: Config) -> list[dict[str, Any]]:
 
 
 async def delete_snapshot(cfg: Config, name: str) -> list[str]:
-    key = snapshot_key(name)
+    key = named_key(name)
     deleted = []
     async with open_stores(cfg) as stores:
         for st in stores:
@@ -126,8 +132,6 @@ async def target_points(store: ObjectStore) -> dict[str, Any]:
 
     seals = await asyncio.gather(*(seal_of(n) for n in segnos))
     tails = [o.key async for o in store.list(tail_prefix(segnos[-1] + 1))]
-    from vaultsync.points.recovery import read_retained  # recovery imports this module
-
     kept = await read_retained(store)
     first_lsn, first_ns = (first[1].lsn, first[1].time_ns) if first else (None, None)
     if kept is not None:
