@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.mounting import Mount
-from vaultsync.engine.volume import ROOT_INO, read_local_header
+from vaultsync.engine.volume import read_local_header
 from vaultsync.format.state_layout import StateDir
+from vaultsync.format.txn import ROOT_INO
 
 ROOT = Path(__file__).resolve().parents[2]
 KIB = 1024

@@ -36,8 +36,9 @@ import pytest
 from tests.support.mounting import Mount
 from vaultsync.engine.filereads import ChunkCache
 from vaultsync.engine.filesystem import FileSystem
-from vaultsync.engine.volume import ROOT_INO, Volume
+from vaultsync.engine.volume import Volume
 from vaultsync.format.header import new_header
+from vaultsync.format.txn import ROOT_INO
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -26,9 +26,10 @@ from tests.support.targets import sync_and_async_targets, target_for
 from vaultsync.commands.local_servers import LocalProvider
 from vaultsync.config import Config, load_config
 from vaultsync.engine.filesystem import FileSystem
-from vaultsync.engine.volume import ROOT_INO, Volume
+from vaultsync.engine.volume import Volume
 from vaultsync.format import segment as seg
 from vaultsync.format.bucket_layout import parse_checkpoint_key, parse_segment_key
+from vaultsync.format.txn import ROOT_INO
 from vaultsync.points.recovery import PointSpec, SegmentCache, rebuild
 from vaultsync.replication.replicator import Replicator
 from vaultsync.store.objectstore import ObjectStore

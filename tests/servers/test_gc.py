@@ -30,10 +30,11 @@ from tests.support.targets import sync_and_async_targets, target_for
 from vaultsync.commands.local_servers import LocalProvider
 from vaultsync.config import Config
 from vaultsync.engine.served import ServedVolume
-from vaultsync.engine.volume import ROOT_INO, Volume
+from vaultsync.engine.volume import Volume
 from vaultsync.format.bucket_layout import checkpoint_key, parse_segment_key
 from vaultsync.format.patch import PatchPlan
 from vaultsync.format.txn import (
+    ROOT_INO,
     DropDirent,
     DropInode,
     SetBlocks,

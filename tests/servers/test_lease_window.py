@@ -42,9 +42,10 @@ from vaultsync.control.lease import (
 )
 from vaultsync.control.promote import wait_out_old_lease
 from vaultsync.engine.filesystem import FileSystem
-from vaultsync.engine.volume import ROOT_INO, Volume
+from vaultsync.engine.volume import Volume
 from vaultsync.errors import ReadOnlyVolumeError
 from vaultsync.format.bucket_layout import LEASES, segment_key, tail_key
+from vaultsync.format.txn import ROOT_INO
 from vaultsync.replication.replicator import Replicator
 from vaultsync.replication.shipper import Shipper
 from vaultsync.store.objectstore import ObjectStore

@@ -23,7 +23,8 @@ from vaultsync.commands.local_servers import LocalProvider
 from vaultsync.config import Config
 from vaultsync.engine.chunk_reader import ChunkReader
 from vaultsync.engine.filesystem import FileSystem
-from vaultsync.engine.volume import ROOT_INO, Volume
+from vaultsync.engine.volume import Volume
+from vaultsync.format.txn import ROOT_INO
 from vaultsync.points.recovered import RecoveredVolume
 from vaultsync.points.recovery import PointSpec, SegmentCache, rebuild
 from vaultsync.replication.replicator import Replicator

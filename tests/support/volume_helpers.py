@@ -6,9 +6,8 @@ import sqlite3
 import stat
 from pathlib import Path
 
-from vaultsync.engine.volume import ROOT_INO
 from vaultsync.format.state_layout import StateDir
-from vaultsync.format.txn import Op, SetBlocks, SetDirent, SetInode
+from vaultsync.format.txn import ROOT_INO, Op, SetBlocks, SetDirent, SetInode
 
 
 def file_ops(ino: int, name: bytes, chunks: list[tuple[bytes, int]]) -> list[Op]:

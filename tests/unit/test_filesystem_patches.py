@@ -19,10 +19,11 @@ import pytest
 
 from vaultsync.engine.catalog import Catalog
 from vaultsync.engine.filesystem import FileSystem
-from vaultsync.engine.volume import ROOT_INO, Volume
+from vaultsync.engine.volume import Volume
 from vaultsync.format.header import new_header
 from vaultsync.format.patch import PatchPlan
 from vaultsync.format.state_layout import CATALOG, StateDir
+from vaultsync.format.txn import ROOT_INO
 
 KiB = 1024
 BS = 64 * KiB

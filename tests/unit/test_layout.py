@@ -49,7 +49,7 @@ ALLOWED_CIRCLES: set[frozenset[str]] = set()
 ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 ALLOWED_SQL: set[str] = set()
 ALLOWED_INTERNALS: set[str] = set()
-ALLOWED_LONG: set[str] = {"vaultsync.engine.volume"}
+ALLOWED_LONG: set[str] = set()
 
 
 @dataclass(frozen=True)

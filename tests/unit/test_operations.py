@@ -20,8 +20,9 @@ import pytest
 
 from vaultsync.engine.filesystem import FileSystem
 from vaultsync.engine.posix import FsError
-from vaultsync.engine.volume import ROOT_INO, Volume
+from vaultsync.engine.volume import Volume
 from vaultsync.format.header import new_header
+from vaultsync.format.txn import ROOT_INO
 from vaultsync.fuse.operations import Operations
 
 CTX = SimpleNamespace(uid=0, gid=0)

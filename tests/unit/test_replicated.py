@@ -13,11 +13,11 @@ from pathlib import Path
 from tests.support.volume_helpers import file_ops
 from vaultsync.engine.catalog_image import image_chunk_ids
 from vaultsync.engine.replicated import ReplicatedVolume
-from vaultsync.engine.volume import ROOT_INO, Volume
+from vaultsync.engine.volume import Volume
 from vaultsync.format import segment as seg
 from vaultsync.format.header import new_header
 from vaultsync.format.patch import PatchPlan
-from vaultsync.format.txn import DropDirent, SetDirent, SetInode
+from vaultsync.format.txn import ROOT_INO, DropDirent, SetDirent, SetInode
 
 BS = 64 * 1024
 

@@ -13,10 +13,11 @@ import pytest
 
 from tests.support.volume_helpers import dump_catalog, file_ops
 from vaultsync.engine.filesystem import FileSystem
-from vaultsync.engine.volume import ROOT_INO, Volume
+from vaultsync.engine.volume import Volume
 from vaultsync.errors import CorruptRecordError, VolumeError
 from vaultsync.format.header import new_header
 from vaultsync.format.state_layout import CATALOG, StateDir
+from vaultsync.format.txn import ROOT_INO
 from vaultsync.fuse.operations import Operations
 
 

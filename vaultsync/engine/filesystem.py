@@ -59,8 +59,8 @@ from vaultsync.engine.posix import (
     set_inode,
 )
 from vaultsync.engine.served import ServedVolume
-from vaultsync.engine.volume import ROOT_INO, catalog_reserve
-from vaultsync.format.txn import DropDirent, DropInode, Op, SetDirent, SetXattr
+from vaultsync.engine.volume import catalog_reserve
+from vaultsync.format.txn import ROOT_INO, DropDirent, DropInode, Op, SetDirent, SetXattr
 
 
 class FileSystem(FileWrites):

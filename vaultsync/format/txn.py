@@ -21,6 +21,9 @@ from typing import Any, ClassVar
 
 from vaultsync.errors import CorruptRecordError, NewerFormatError
 
+# The root directory's inode: created by the volume's first transaction.
+ROOT_INO = 1
+
 
 def enc_bytes(b: bytes) -> str | dict[str, str]:
     try:

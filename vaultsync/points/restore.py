@@ -26,8 +26,8 @@ from vaultsync.config import Config
 from vaultsync.engine.catalog import Inode
 from vaultsync.engine.filesystem import FileSystem
 from vaultsync.engine.posix import FsError
-from vaultsync.engine.volume import ROOT_INO
 from vaultsync.errors import VaultsyncError
+from vaultsync.format.txn import ROOT_INO
 from vaultsync.points.recovered import RecoveredVolume
 from vaultsync.points.recovery import SegmentCache, parse_point, rebuild
 from vaultsync.store.objectstore import ObjectStore
