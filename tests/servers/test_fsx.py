@@ -149,7 +149,7 @@ class Fsx:
     ) -> None:
         self.mount = mount
         # With a sync target: also runs of write+fsync on one file, the rhythm in which
-        # the daemon commits and ships a write before answering it (filesystem.py).
+        # the daemon commits and ships a write before answering it (engine/filewrites.py).
         self.rhythm = rhythm
         self.seed = seed
         self.steps = steps

@@ -61,7 +61,7 @@ def test_blocks_read_back_as_written(seq: list[Op]) -> None:
     loaded: dict[int, bytes] = {}  # the stored content a dirty block was loaded from
     chunk: dict[int, bytes] = {}  # the whole chunk behind an unloaded block (what a read gets)
 
-    def load(blocks: list[int]) -> None:  # as filesystem._load_bases
+    def load(blocks: list[int]) -> None:  # as FileReads._load_bases
         for b in blocks:
             if b in fd.unloaded:
                 assert fd.unloaded[b].cid == bytes([b]) * 32
@@ -75,7 +75,7 @@ def test_blocks_read_back_as_written(seq: list[Op]) -> None:
             load([a])
         elif kind in ("patch", "upatch"):
             data = data[: BS - off]
-            if not fd.has_dirty(a):  # as filesystem.write: load the base first, or not
+            if not fd.has_dirty(a):  # as FileWrites.write: load the base first, or not
                 base = fd.peek(a)
                 if base is None and a in stored and kind == "upatch":
                     fd.start_unloaded(a, bytes([a]) * 32, len(stored[a]))

@@ -203,8 +203,8 @@ class Catalog:
 
         Transactions are applied inside one long SQLite transaction (a savepoint
         each, so one failing never takes the others with it) and committed here,
-        at each journal sync and on a short timer: a SQLite commit costs more than
-        applying a whole transaction. Until then a crash loses them from the
+        by the mount's quarter-second timer, checkpoints, GC and close: a SQLite
+        commit costs more than applying a whole transaction. Until then a crash loses them from the
         catalog only; the journal has them and replay restores them.
         """
         with self._writing():

@@ -1,6 +1,6 @@
 """One open file's unflushed writes: dirty blocks, blocks being flushed, size and times.
 
-Pure bookkeeping, no I/O: `filesystem.py` loads the stored base of a block
+Pure bookkeeping, no I/O: `filereads.py` loads the stored base of a block
 for a partial write (read-modify-write) and commits on flush.
 
 A block lives in at most one of `blocks` (dirty, written since the last flush
@@ -63,7 +63,7 @@ class FileData:
         self.ctime_ns = 0
         self.dirty_since = 0.0
         self.size_dirty = False
-        # The write-fsync rhythm (filesystem.py ships a write ahead of its fsync).
+        # The write-fsync rhythm (filewrites.py ships a write ahead of its fsync).
         self.writes_since_fsync = 0
         self.fsync_streak = 0  # fsyncs in a row that followed exactly one write
         # Bumped whenever a block's stored content may change under a reader (a flush

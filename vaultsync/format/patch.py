@@ -16,7 +16,7 @@ Invariants (a writer keeps them, a reader checks them):
   `keep <= length`.
 
 Pure: bytes in, bytes out. Which base to use, and when a whole chunk is the
-better choice, is the writer's business (filesystem.py).
+better choice, is the writer's business (engine/filewrites.py).
 """
 
 from __future__ import annotations
