@@ -30,6 +30,32 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def start_mount(
+    config: Path, mountpoint: Path, log: Path, timeout: float = 30
+) -> subprocess.Popen[bytes]:
+    """`vaultsync mount CONFIG MOUNTPOINT` in a child process, its output appended to `log`;
+    returns once the mountpoint answers (AssertionError with the log's end otherwise)."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vaultsync", "mount", str(config), str(mountpoint)],
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mount exited: {log.read_text(errors='replace')[-3000:]}")
+        if mounted_at(mountpoint) is not None:
+            try:
+                os.stat(mountpoint)
+                return proc
+            except OSError:
+                pass
+        time.sleep(0.02)
+    raise AssertionError(f"mount did not come up: {log.read_text(errors='replace')[-3000:]}")
+
+
 @dataclass
 class Mount:
     """One volume (state + config) and, while mounted, its daemon process."""
@@ -64,32 +90,7 @@ class Mount:
         return self.root / "mount.log"
 
     def start(self, timeout: float = 30) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "vaultsync",
-                    "mount",
-                    str(self.config),
-                    str(self.mountpoint),
-                ],
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mount exited: {self.log.read_text()[-2000:]}")
-            if mounted_at(self.mountpoint) is not None:
-                try:
-                    os.stat(self.mountpoint)
-                    return
-                except OSError:
-                    pass
-            time.sleep(0.02)
-        raise AssertionError(f"mount did not come up: {self.log.read_text()[-2000:]}")
+        self.proc = start_mount(self.config, self.mountpoint, self.log, timeout)
 
     def umount(self) -> None:
         res = subprocess.run(

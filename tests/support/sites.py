@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.faultproxy import FaultProxy
-from tests.support.mounting import cli
+from tests.support.mounting import cli, start_mount
 from tests.support.targets import credentials_file
 from vaultsync.commands.local_servers import LocalProvider
 from vaultsync.fuse.mount import lazy_unmount, mounted_at
@@ -63,32 +62,7 @@ class Site:
 
     def start(self, timeout: float = 60) -> None:
         """Start the mount daemon; returns once the mountpoint answers (either role)."""
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "vaultsync",
-                    "mount",
-                    str(self.config),
-                    str(self.mountpoint),
-                ],
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name}: mount exited: {self.tail()}")
-            if mounted_at(self.mountpoint) is not None:
-                try:
-                    os.stat(self.mountpoint)
-                    return
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name}: mount did not come up: {self.tail()}")
+        self.proc = start_mount(self.config, self.mountpoint, self.log, timeout)
 
     def tail(self, n: int = 3000) -> str:
         try:
