@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,6 +195,30 @@ async def target_header(store: ObjectStore, volume_name: str | None = None) -> V
     return header
 
 
+def segment_transactions(
+    data: bytes, segno: int, header: VolumeHeader, where: str, complete: bool
+) -> Iterator[tuple[seg.Record, list[StoredChunk]]]:
+    """The TXN records of a segment's bytes, in order, each with the chunk records that
+    precede it (which it may refer to), after checking the segment is this volume's
+    segment `segno` and, when `complete`, that it is whole and sealed. A tail piece's
+    bytes (not `complete`) end at the last transaction they hold whole."""
+    scan = seg.scan_segment(data, where)
+    if scan.header.volume_id != header.volume_id or scan.header.segment_no != segno:
+        raise FormatError(f"{where}: belongs to another volume or position")
+    if complete and (not scan.sealed or scan.stop_reason):
+        raise FormatError(
+            f"{where}: damaged ({scan.stop_reason or 'not sealed'}); "
+            "recover from another target or run `vaultsync verify` at the writer"
+        )
+    pending: list[StoredChunk] = []
+    for off, rec in scan.records:
+        if rec.type is seg.RecordType.CHUNK:
+            pending.append(StoredChunk.of(rec, Location(segno, off, rec.size)))
+        elif rec.type is seg.RecordType.TXN:
+            yield rec, pending
+            pending = []
+
+
 async def rebuild(
     store: ObjectStore,
     state_dir: Path,
@@ -276,34 +300,20 @@ async def rebuild(
         (segments garbage-collected because no retained point needs them)."""
         nonlocal first_time, gap
         where = f"target {store.name!r} segment {segno}"
-        scan = seg.scan_segment(data, where)
-        if scan.header.volume_id != header.volume_id or scan.header.segment_no != segno:
-            raise FormatError(f"{where}: belongs to another volume or position")
-        if complete and (not scan.sealed or scan.stop_reason):
-            raise FormatError(
-                f"{where}: damaged ({scan.stop_reason or 'not sealed'}); "
-                "recover from another target or run `vaultsync verify` at the writer"
-            )
-        pending: list[StoredChunk] = []
-        for off, rec in scan.records:
-            if rec.type is seg.RecordType.CHUNK:
-                pending.append(StoredChunk.of(rec, Location(segno, off, rec.size)))
-            elif rec.type is seg.RecordType.TXN:
-                if rec.lsn <= result.lsn:
-                    pending = []
-                    continue  # already in the checkpoint image
-                if rec.lsn != result.lsn + 1:
-                    gap = True
-                    return False
-                if first_time is None:
-                    first_time = rec.time_ns
-                if stop_lsn is not None and rec.lsn > stop_lsn:
-                    return False
-                if stop_ns is not None and rec.time_ns > stop_ns:
-                    return False
-                catalog.apply(rec.lsn, Transaction.decode(codec.decode_txn(rec)), pending)
-                pending = []
-                result.lsn, result.time_ns = rec.lsn, rec.time_ns
+        for rec, chunks in segment_transactions(data, segno, header, where, complete):
+            if rec.lsn <= result.lsn:
+                continue  # already in the checkpoint image
+            if rec.lsn != result.lsn + 1:
+                gap = True
+                return False
+            if first_time is None:
+                first_time = rec.time_ns
+            if stop_lsn is not None and rec.lsn > stop_lsn:
+                return False
+            if stop_ns is not None and rec.time_ns > stop_ns:
+                return False
+            catalog.apply(rec.lsn, Transaction.decode(codec.decode_txn(rec)), chunks)
+            result.lsn, result.time_ns = rec.lsn, rec.time_ns
         return True
 
     def keep_and_apply(segno: int, data: bytes) -> bool:
