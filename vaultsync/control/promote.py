@@ -71,19 +71,23 @@ def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _seal_tail(path: Path, volume_id: bytes, segno: int) -> tuple[int, int]:
-    """Cut a tail segment after its last transaction and seal it; (records, last LSN)."""
-    buf = path.read_bytes()
-    scan = seg.scan_segment(buf, str(path))
+def seal_tail(buf: bytes, volume_id: bytes, segno: int, where: str) -> bytes:
+    """The open segment `segno` a writer left as tail pieces (`buf`), cut after its last
+    transaction and sealed: the segment a new writer continues after (§2.4)."""
+    scan = seg.scan_segment(buf, where)
     end, count, last = seg.HEADER_SIZE, 0, 0
     for i, (off, rec) in enumerate(scan.records):
         if rec.type is seg.RecordType.TXN:
             end, count, last = off + rec.size, i + 1, rec.lsn
     seal = seg.Record(seg.RecordType.SEAL, last, time.time_ns(), seg.seal_payload(count, last))
-    path.write_bytes(buf[:end] + seg.encode_record(seal))
-    if not seg.is_complete_segment(path.read_bytes(), volume_id, segno):
-        raise VolumeError(f"{path}: the sealed tail does not verify; promotion stopped")
-    return count, last
+    sealed = buf[:end] + seg.encode_record(seal)
+    if not seg.is_complete_segment(sealed, volume_id, segno):
+        raise VolumeError(f"{where}: the sealed tail does not verify; promotion stopped")
+    return sealed
+
+
+def _seal_tail(path: Path, volume_id: bytes, segno: int) -> None:
+    path.write_bytes(seal_tail(path.read_bytes(), volume_id, segno, str(path)))
 
 
 async def promote(

@@ -110,9 +110,17 @@ class FileSystem(FileWrites):
         self.kernel_cmtime = False
 
     # -- startup -----------------------------------------------------------------
+    def adopt(self, older: FileSystem) -> None:
+        """Serve the kernel's references that `older` served, on the same mount: a standby
+        that takes over swaps its read-only FileSystem for a writable one, and the files
+        the kernel holds (by inode number, the same in both) must stay valid."""
+        self._lookups = dict(older._lookups)
+        self._open = dict(older._open)
+
     def drop_orphans(self) -> int:
-        """Inodes unlinked while open when the last process died: nobody can reach them now."""
-        orphans = self.cat.orphans()
+        """Inodes unlinked while open when the last process died: nobody can reach them now
+        (except through references this process holds, which `adopt` may have given it)."""
+        orphans = [ino for ino in self.cat.orphans() if not self._in_use(ino)]
         if orphans:
             self.vol.commit_nowait([DropInode(ino) for ino in orphans])
         return len(orphans)

@@ -19,6 +19,9 @@ LOG = "mount.log"  # the mount daemon's log in daemon mode
 REPLICATION_STATUS = "replication.json"  # per-target status, rewritten by the daemon
 GC_CACHE = "gc"  # chunk ids that immutable objects refer to (replication/gc.py)
 MIGRATIONS = "migrate"  # resume journals of `vaultsync migrate`
+# A standby's copy of the volume header: its presence (and volume.json's absence)
+# marks the directory as a standby's warm copy, which no manual-mode mount opens.
+STANDBY = "standby.json"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class StateDir:
     @property
     def gc_cache(self) -> Path:
         return self.root / GC_CACHE
+
+    @property
+    def standby(self) -> Path:
+        return self.root / STANDBY
 
     @property
     def migrations(self) -> Path:

@@ -230,6 +230,7 @@ async def rebuild(
     use_checkpoint: bool = True,
     durable: bool = True,
     volume_name: str | None = None,
+    tails: bool = True,
 ) -> tuple[Rebuilt, VolumeKeys | None]:
     """A fresh catalog in `state_dir` holding the volume as of `point`, from `store` alone.
 
@@ -240,6 +241,8 @@ async def rebuild(
     `use_checkpoint`), then replays only the segments after it. The catalog is
     built without fsync and made durable once at the end, or not at all when
     not `durable` (a throwaway catalog: a point mount, a restore, an API view).
+    Without `tails`, the open segment's tail pieces are left out: the point is the
+    end of the last whole segment (a standby's copy holds whole segments only).
     """
     header = await target_header(store, volume_name)
     keys = header.unlock(passphrase)
@@ -342,7 +345,7 @@ async def rebuild(
         for f in fetches.values():
             f.cancel()
             f.add_done_callback(lambda f: f.cancelled() or f.exception())
-    if going and not gap:
+    if going and not gap and tails:
         # The tail pieces of the segment after the last whole one; with a checkpoint
         # that covers every whole segment, that is the one after the checkpoint.
         nxt = (segnos[-1] + 1) if segnos else start
