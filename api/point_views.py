@@ -44,6 +44,7 @@ from vaultsync.engine.filesystem import FileSystem
 from vaultsync.errors import VaultsyncError
 from vaultsync.format.bucket_layout import SEGMENTS, TAILS
 from vaultsync.points.recovery import (
+    PointError,
     PointSpec,
     RecoveredVolume,
     SegmentCache,
@@ -61,17 +62,17 @@ LIVE_WORDS = ("", "latest", "now", "live")
 
 
 def _parse(text: str) -> PointSpec:
-    """`parse_point`, with its ValueError (`lsn:abc`) and impossible LSNs as a 400, not a 500."""
+    """`parse_point`, with what it refuses (`lsn:abc`, year 0) and LSN 0 as a 400, not a 500."""
     try:
         spec = parse_point(text)
-    except ValueError:
-        spec = None
-    if spec is None or (spec.lsn is not None and spec.lsn < 1):
+    except PointError as e:
+        raise ApiError(400, "bad_point", f"at: {e}") from None
+    if spec.lsn is not None and spec.lsn < 1:
         raise ApiError(
             400,
             "bad_point",
-            f"at={text!r} is not a point: give an LSN (1 or more, e.g. 1234 or lsn:1234), an "
-            "ISO-8601 time, a snapshot name, or nothing for the newest point",
+            f"at={text[:60]!r} is not a point: give an LSN (1 or more, e.g. 1234 or lsn:1234), "
+            "an ISO-8601 time, a snapshot name, or nothing for the newest point",
         )
     return spec
 
