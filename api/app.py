@@ -23,6 +23,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from vaultsync import __version__
 
@@ -31,7 +32,8 @@ from .auth import Auth, OpenServerGuard, require_json
 from .errors import SafeJSONResponse, documented, install_error_handlers
 from .limits import LimitRequests, Message, Receive, Scope, Send
 from .metrics import Metrics
-from .paths import restore_destination, volume_path
+from .paths import from_url_path, restore_destination, volume_path
+from .point_views import parse_at
 from .source import Backend
 
 WEB = Path(__file__).parent / "web"
@@ -77,7 +79,21 @@ class CancelIn(StrictBody):
 
 
 class RestoreIn(StrictBody):
-    path: str = Field(min_length=1, max_length=4096, description="File or directory in the volume.")
+    # Exactly one of path and path_url (a name that is not UTF-8 has only the second).
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["path"]}, {"required": ["path_url"]}]}
+    )
+    # Absent, not null: the schema shows strings only (SkipJsonSchema), and the bounds
+    # sit on the string, as a null put to a length check on the whole field was a 500.
+    path: Annotated[str, Field(min_length=1, max_length=4096)] | SkipJsonSchema[None] = Field(
+        default=None, description="File or directory in the volume (or path_url)."
+    )
+    path_url: Annotated[str, Field(min_length=1, max_length=3 * 4096)] | SkipJsonSchema[None] = (
+        Field(
+            default=None,
+            description="The same, as a listing's `path_url` gives it: each %XX one byte.",
+        )
+    )
     at: str = Field(default="", max_length=200, description="As `--at`; empty: newest.")
     destination: str = Field(
         min_length=1,
@@ -85,6 +101,14 @@ class RestoreIn(StrictBody):
         description="Under one of api.restore_roots (relative: under the first one).",
     )
     force: bool = Field(default=False, description="Overwrite files that differ.")
+
+    @model_validator(mode="after")
+    def _one_path(self) -> RestoreIn:
+        given = {"path", "path_url"} & self.model_fields_set  # a null counts, as in the schema
+        if len(given) != 1 or (self.path if given == {"path"} else self.path_url) is None:
+            raise ValueError("give the path to restore as path or as path_url, one of them")
+        return self
+
     bwlimit: int | None = Field(
         default=None,
         ge=1024,
@@ -289,7 +313,11 @@ def create_app(backend: Backend, auth: Auth) -> FastAPI:
         },
     )
     async def restore_start(body: Annotated[RestoreIn, Body()]) -> dict[str, Any]:
-        path = volume_path(body.path)
+        path = volume_path(
+            body.path if body.path is not None else from_url_path(body.path_url or "")
+        )
+        if body.at:
+            parse_at(body.at)  # a point that cannot be is a 400 now, not a job that fails later
         dest = restore_destination(body.destination, list(backend.cfg.api.restore_roots))
         return backend.jobs.start(path, body.at, dest, body.force, body.bwlimit).public()
 

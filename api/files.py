@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as FastApiPath
@@ -44,7 +44,7 @@ from . import conditional
 from .auth import Auth
 from .errors import ApiError, documented, shown
 from .metrics import Metrics
-from .paths import volume_path
+from .paths import from_url_path, url_path, volume_path
 from .point_views import View
 from .ranges import parse_range
 from .source import Backend
@@ -98,11 +98,6 @@ class _AnyPath(Convertor[str]):
 register_url_convertor("anypath", _AnyPath())
 
 
-def url_path(path: bytes) -> str:
-    """A volume path as it goes in a URL after /v1/tree etc.: every other byte as %XX."""
-    return quote(path, safe="/")
-
-
 def _exact_path(request: Request, route: str, decoded: str) -> str:
     """The volume path the URL names, byte for byte (as a str with surrogate escapes).
 
@@ -110,11 +105,10 @@ def _exact_path(request: Request, route: str, decoded: str) -> str:
     are not UTF-8 became U+FFFD; it is used only if the raw path is missing.
     """
     raw = request.scope.get("raw_path")
-    prefix = route.encode()
     if raw is not None:
-        full = unquote_to_bytes(bytes(raw))
-        if full.startswith(prefix):
-            return os.fsdecode(full[len(prefix) :])
+        full = from_url_path(bytes(raw).decode("latin-1"))
+        if full.startswith(route):
+            return full[len(route) :]
     return decoded
 
 
@@ -206,7 +200,7 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
             ]
             return {
                 "path": shown(clean),
-                "path_url": url_path(os.fsencode(clean)),
+                "path_url": url_path(clean),
                 "point": _point(view),
                 "entries": entries,
                 "next_cursor": rows[-1][2] if more and rows else None,
@@ -224,7 +218,7 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
             xattrs = [n.decode("utf-8", "replace") for n in view.fs.listxattr(node.ino)]
             return {
                 "path": shown(clean),
-                "path_url": url_path(os.fsencode(clean)),
+                "path_url": url_path(clean),
                 "point": _point(view),
                 **entry(node),
                 "nlink": node.nlink,

@@ -61,7 +61,7 @@ VIEW_CACHE = 16 << 20  # decoded chunks kept per view
 LIVE_WORDS = ("", "latest", "now", "live")
 
 
-def _parse(text: str) -> PointSpec:
+def parse_at(text: str) -> PointSpec:
     """`parse_point`, with what it refuses (`lsn:abc`, year 0) and LSN 0 as a 400, not a 500."""
     try:
         spec = parse_point(text)
@@ -172,7 +172,7 @@ class PointViews:
                     "remount it; points from the targets are still served",
                 )
             return View(self.live, vol.last_lsn, time.time_ns(), True, vol.header.volume_id_hex)
-        spec = _parse(text)
+        spec = parse_at(text)
         async with self._lock:
             view = self._views.get(spec)
             if view is not None and await self._still_valid(spec, view):

@@ -86,15 +86,21 @@ async function open(path, more) {
       const mt = document.createElement("td"); mt.textContent = e.mtime.replace("T", " ").slice(0, 19);
       const act = document.createElement("td");
       const pick = document.createElement("a"); pick.textContent = "restore…"; pick.className = "pick";
-      pick.onclick = () => { $("rpath").value = full; $("rdest").focus(); };
+      pick.onclick = () => { setRestorePath(full, e.path_url); $("rdest").focus(); };
       act.appendChild(pick);
       tr.append(name, size, mt, act);
       tb.appendChild(tr);
     }
     cursor = r.next_cursor;
     $("more").hidden = cursor === null;
-    $("rpath").value = cwdShown;
+    setRestorePath(cwdShown, cwd);
   } catch (e) { showError(e.message); }
+}
+
+// The restore field shows the path as text; while it holds what the page put there, the
+// request sends the path byte for byte (path_url), else what the user typed.
+function setRestorePath(shown, url) {
+  const f = $("rpath"); f.value = shown; f.dataset.shown = shown; f.dataset.url = url;
 }
 
 function crumbs() {
@@ -119,7 +125,9 @@ async function download(path, name) {
 async function startRestore() {
   showError("");
   try {
-    const body = { path: $("rpath").value, at: at(), destination: $("rdest").value, force: $("rforce").checked };
+    const f = $("rpath");
+    const body = { at: at(), destination: $("rdest").value, force: $("rforce").checked };
+    if (f.dataset.url && f.value === f.dataset.shown) body.path_url = f.dataset.url; else body.path = f.value;
     const job = await (await api("/v1/restores", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })).json();
     watch(job.id);
   } catch (e) { showError(e.message); }

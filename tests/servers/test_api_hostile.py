@@ -19,6 +19,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -357,6 +358,40 @@ def test_every_listed_name_can_be_fetched(env: dict[str, Any]) -> None:
     _error(r, 404, "not_found")
     r = httpx.get(url + "/v1/tree/odd/caf%E9.txt", headers=H)
     assert "not a directory" in _error(r, 400, "not_a_directory")
+
+
+def test_restores_take_the_path_byte_for_byte(env: dict[str, Any]) -> None:
+    """A restore body names its path as `path`, or as a listing's `path_url`; `at` is checked."""
+    srv: ApiServer = env["servers"]["tokens"]
+    root: Path = env["roots"]["tokens"]
+    vol: Volume = env["vol"]
+    body = {"path_url": "/odd/caf%E9.txt", "destination": "odd-one"}
+    r = httpx.post(srv.url + "/v1/restores", json=body, headers=H)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["path"] == "/odd/caf\ufffd.txt" and job["path_url"] == "/odd/caf%E9.txt"
+    deadline = time.monotonic() + 60
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = httpx.get(f"{srv.url}/v1/restores/{job['id']}", headers=H).json()
+    assert job["state"] == "done", job
+    assert (root / "odd-one").read_bytes() == vol.odd[b"/odd/caf\xe9.txt"]
+    for bad in (
+        {"destination": "x"},
+        {"path": "/docs", "path_url": "/docs", "destination": "x"},
+        {"path": None, "path_url": "/docs", "destination": "x"},
+    ):
+        r = httpx.post(srv.url + "/v1/restores", json=bad, headers=H)
+        assert "path or as path_url" in _error(r, 422, "invalid_request"), bad
+    # A point that cannot be is refused at once, not left to a job that fails.
+    for at in ("lsn:abc", "0001-01-01T00:00:00+23:59", "0"):
+        r = httpx.post(
+            srv.url + "/v1/restores",
+            json={"path": "/docs", "at": at, "destination": "y"},
+            headers=H,
+        )
+        _error(r, 400, "bad_point")
+    assert not (root / "y").exists()
 
 
 # -- 8. Tokens, the CLI's token lines, slow clients, the OpenAPI document -----------------------
