@@ -9,7 +9,7 @@ asks for a token and sends it with every API call).
 /openapi.json states what each operation accepts and every status it can
 answer (errors as `ErrorOut`), and the bodies are strict (no field the
 schema lacks, no "1" for a number, no 0 for false), so the document and the
-server agree; tests/servers/test_api_security.py holds them to it with
+server agree; tests/servers/test_api_hostile.py holds them to it with
 schemathesis.
 """
 
@@ -28,7 +28,7 @@ from pydantic.json_schema import SkipJsonSchema
 from vaultsync import __version__
 
 from . import files
-from .auth import Auth, OpenServerGuard, require_json
+from .auth import Auth, CallerChecks, require_json
 from .errors import SafeJSONResponse, documented, install_error_handlers
 from .limits import LimitRequests, Message, Receive, Scope, Send
 from .metrics import Metrics
@@ -385,7 +385,7 @@ def create_app(backend: Backend, auth: Auth) -> FastAPI:
     app.mount("/ui", StaticFiles(directory=WEB, html=True), name="ui")
     # The last added runs first: headers on every answer, bounds, counting (refusals too).
     app.add_middleware(HeadAsGet)
-    app.add_middleware(OpenServerGuard, auth=auth)
+    app.add_middleware(CallerChecks, auth=auth)
     app.add_middleware(CountRequests, metrics=metrics)
     app.add_middleware(LimitRequests)
     app.add_middleware(SecurityHeaders)

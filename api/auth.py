@@ -214,8 +214,9 @@ def _same_origin(origin: str, host: str) -> bool:
     )
 
 
-class OpenServerGuard:
-    """ASGI middleware: no token in the URL; an open server answers only its own pages.
+class CallerChecks:
+    """ASGI middleware, before any route: no token in a URL, on any server; and an open
+    server answers only requests from its own names and pages.
 
     See the module docstring for why the Host and Origin checks apply only
     when `open_on_loopback` lets requests in without a token.

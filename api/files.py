@@ -106,7 +106,7 @@ def _exact_path(request: Request, route: str, decoded: str) -> str:
     """
     raw = request.scope.get("raw_path")
     if raw is not None:
-        full = from_url_path(bytes(raw).decode("latin-1"))
+        full = from_url_path(bytes(raw))
         if full.startswith(route):
             return full[len(route) :]
     return decoded

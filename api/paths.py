@@ -57,7 +57,7 @@ def url_path(path: str | bytes) -> str:
     return quote(os.fsencode(path), safe="/")
 
 
-def from_url_path(text: str) -> str:
+def from_url_path(text: str | bytes) -> str:
     """The volume path a `url_path` spells, each %XX one byte (not decoded as UTF-8)."""
     return os.fsdecode(unquote_to_bytes(text))
 

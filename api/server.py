@@ -23,6 +23,7 @@ import logging
 import re
 import socket
 from collections.abc import Iterator
+from urllib.parse import unquote_plus
 
 import h11
 import uvicorn
@@ -202,12 +203,21 @@ class RedactCredentials(logging.Filter):
     and anything shaped like a vaultsync token, are replaced.
     """
 
-    SECRET_PARAM = re.compile(r"(?i)([?&][^=&#]*(?:token|secret|passw|auth|key)[^=&#]*=)[^&#]*")
+    SECRET_NAME = re.compile(r"(?i)token|secret|passw|auth|key")
     TOKEN = re.compile(r"vst_[A-Za-z0-9_\-]+")
 
     @classmethod
     def redact(cls, text: str) -> str:
-        return cls.TOKEN.sub("vst_[redacted]", cls.SECRET_PARAM.sub(r"\1[redacted]", text))
+        path, sep, query = text.partition("?")
+        if sep:
+            items = []
+            for item in query.split("&"):
+                name, eq, _ = item.partition("=")
+                # The name as the app reads it (`%74oken` is `token`).
+                secret = eq and cls.SECRET_NAME.search(unquote_plus(name))
+                items.append(f"{name}=[redacted]" if secret else item)
+            text = f"{path}?{'&'.join(items)}"
+        return cls.TOKEN.sub("vst_[redacted]", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
