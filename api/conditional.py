@@ -17,29 +17,70 @@ preconditions are evaluated in the order of §13.2.2:
    second before the response's Date), else the whole file is sent (200).
 
 HTTP dates have whole seconds, so the file's mtime is compared truncated to
-the second, as it appears in Last-Modified. An unparseable or multi-valued
-date field is ignored, as the RFC requires.
+the second, as it appears in Last-Modified. A date field that is not an
+HTTP-date (one of the three forms of RFC 9110 §5.6.7, always GMT) or holds
+several values is ignored, as the RFC requires: the fields are matched against
+the grammar itself rather than handed to a lenient mail-date parser, which
+took numeric zones and years of any size and let them overflow into a 500.
 """
 
 from __future__ import annotations
 
+import calendar
+import re
+import time
 from datetime import UTC, datetime
-from email.utils import format_datetime, parsedate_to_datetime
+from email.utils import format_datetime
 
 from starlette.datastructures import Headers
+
+_MONTHS = {m.lower(): i for i, m in enumerate(calendar.month_abbr) if m}
+_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_DAY_LONG = r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MONTH = r"(?P<month>Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"(?P<h>[0-9]{2}):(?P<m>[0-9]{2}):(?P<s>[0-9]{2})"
+_FORMS = [
+    # IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT
+    re.compile(rf"{_DAY}, (?P<day>[0-9]{{2}}) {_MONTH} (?P<year>[0-9]{{4}}) {_TIME} GMT", re.I),
+    # rfc850-date (obsolete): Sunday, 06-Nov-94 08:49:37 GMT
+    re.compile(rf"{_DAY_LONG}, (?P<day>[0-9]{{2}})-{_MONTH}-(?P<yy>[0-9]{{2}}) {_TIME} GMT", re.I),
+    # asctime-date (obsolete): Sun Nov  6 08:49:37 1994
+    re.compile(rf"{_DAY} {_MONTH} (?P<day>[0-9]{{2}}| [0-9]) {_TIME} (?P<year>[0-9]{{4}})", re.I),
+]
 
 
 def http_date(value: str | None) -> int | None:
     """An HTTP-date (any of the three RFC 9110 §5.6.7 forms) as epoch seconds; None if invalid."""
-    if value is None or value.count(",") > 1:  # more than one member: ignored
+    if value is None:
         return None
+    for form in _FORMS:
+        m = form.fullmatch(value.strip())
+        if m is not None:
+            break
+    else:
+        return None
+    fields = m.groupdict()
+    if fields.get("yy") is not None:
+        # §5.6.7: a two-digit year more than 50 years ahead is the last such year past.
+        this_year = time.gmtime().tm_year
+        year = this_year - this_year % 100 + int(fields["yy"])
+        if year > this_year + 50:
+            year -= 100
+    else:
+        year = int(fields["year"])
     try:
-        dt = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
+        dt = datetime(
+            year,
+            _MONTHS[fields["month"].lower()],
+            int(fields["day"]),
+            int(fields["h"]),
+            int(fields["m"]),
+            min(int(fields["s"]), 59),  # a leap second (60) counts as the one before it
+            tzinfo=UTC,
+        )
+    except ValueError:  # year 0, 31 Feb, hour 25, ...
         return None
-    if dt.tzinfo is None:  # asctime form: GMT by definition
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp())
+    return calendar.timegm(dt.utctimetuple())
 
 
 def _tags(value: str) -> list[str]:

@@ -10,6 +10,13 @@ conditional requests of RFC 9110 §13 (conditional.py): 304 on If-None-Match
 or If-Modified-Since, 412 on If-Match or If-Unmodified-Since, If-Range
 guarding a resumed Range. They are sent as attachments with `nosniff`, so a
 file from the volume is never rendered as a page on the API's own origin.
+
+A name in the volume is any bytes but NUL and '/': a newline, or bytes that
+are not UTF-8. The URL path is read byte for byte (each `%XX` is one byte,
+taken from the raw request, not from the server's UTF-8 decoding, which
+replaced such bytes), and matched across newlines, so every entry a listing
+shows can be fetched: its `path_url` is that path, ready to append to
+/v1/tree, /v1/meta or /v1/content.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -25,23 +33,33 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as FastApiPath
 from fastapi.responses import StreamingResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from vaultsync.engine.catalog import Inode
 from vaultsync.points.restore import RestoreError, resolve_path
 
 from . import conditional
 from .auth import Auth
-from .errors import ApiError
+from .errors import ApiError, documented, shown
 from .metrics import Metrics
-from .paths import volume_path
+from .paths import from_url_path, url_path, volume_path
 from .point_views import View
 from .ranges import parse_range
 from .source import Backend
 
 READ_SIZE = 1 << 20
 DOTS = 2  # readdir offsets 0 and 1 are "." and ".."
+MAX_CURSOR = 2**53 - 1  # what every JSON client reads exactly
 
+PathIn = Annotated[
+    str,
+    FastApiPath(
+        description="A path in the volume; each %XX is one byte of it (names need not be "
+        "UTF-8), as in an entry's `path_url`.",
+    ),
+]
 At = Annotated[
     str | None,
     Query(
@@ -63,6 +81,35 @@ _TYPES = {
 
 def _iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
+
+
+class _AnyPath(Convertor[str]):
+    """Starlette's `path`, but across newlines too (its `.*` stops at one: a 404)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", _AnyPath())
+
+
+def _exact_path(request: Request, route: str, decoded: str) -> str:
+    """The volume path the URL names, byte for byte (as a str with surrogate escapes).
+
+    `decoded` is the server's reading of the same path, in which bytes that
+    are not UTF-8 became U+FFFD; it is used only if the raw path is missing.
+    """
+    raw = request.scope.get("raw_path")
+    if raw is not None:
+        full = from_url_path(bytes(raw))
+        if full.startswith(route):
+            return full[len(route) :]
+    return decoded
 
 
 def _name(raw: bytes) -> dict[str, Any]:
@@ -112,47 +159,66 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
     r = APIRouter(prefix="/v1", dependencies=[Depends(auth.need("read"))])
     max_page = backend.cfg.api.max_page
 
-    @r.get("/tree/{path:path}", summary="List a directory as of a point (paged)")
+    @r.get(
+        "/tree/{path:anypath}",
+        summary="List a directory as of a point (paged)",
+        description="Each entry's `path_url` is its path as this URL takes it, byte for byte.",
+        responses=documented(401, 404, 422, 502, 503),
+    )
     async def tree(
-        path: str,
+        request: Request,
+        path: PathIn,
         at: At = None,
-        cursor: Annotated[int, Query(ge=0, le=2**62)] = 0,
-        limit: Annotated[
-            int | None, Query(ge=1, le=100000, description="Default 200; at most api.max_page.")
-        ] = None,
+        cursor: Annotated[int, Query(ge=0, le=MAX_CURSOR)] = 0,
+        # The bound is this server's, so the default-value form: a string annotation (this
+        # module's `from __future__ import annotations`) cannot see `max_page`.
+        limit: int | None = Query(
+            default=None,
+            ge=1,
+            le=max_page,
+            description=f"Default {min(200, max_page)}; at most api.max_page ({max_page}).",
+        ),
     ) -> dict[str, Any]:
         limit = limit or min(200, max_page)
-        if limit > max_page:
-            raise ApiError(
-                400, "page_too_large", f"limit is at most {max_page} (api.max_page) on this server"
-            )
-        clean = volume_path(path)
+        clean = volume_path(_exact_path(request, "/v1/tree/", path))
         async with backend.views.use(at) as view:
             node = _lookup(view, clean)
             if not stat.S_ISDIR(node.mode):
                 raise ApiError(
-                    400, "not_a_directory", f"{clean} is a {entry(node)['type']}, not a directory"
+                    400,
+                    "not_a_directory",
+                    f"{shown(clean)} is a {entry(node)['type']}, not a directory",
                 )
             rows = view.fs.readdir(node.ino, max(cursor, DOTS), limit + 1)
             rows = [row for row in rows if row[0] not in (b".", b"..")]
             more = len(rows) > limit
             rows = rows[:limit]
-            entries = [{**_name(name), **entry(child)} for name, child, _ in rows]
+            parent = os.fsencode(clean).rstrip(b"/")
+            entries = [
+                {**_name(name), "path_url": url_path(parent + b"/" + name), **entry(child)}
+                for name, child, _ in rows
+            ]
             return {
-                "path": clean,
+                "path": shown(clean),
+                "path_url": url_path(clean),
                 "point": _point(view),
                 "entries": entries,
                 "next_cursor": rows[-1][2] if more and rows else None,
             }
 
-    @r.get("/meta/{path:path}", summary="Metadata of a file or directory as of a point")
-    async def meta(path: str, at: At = None) -> dict[str, Any]:
-        clean = volume_path(path)
+    @r.get(
+        "/meta/{path:anypath}",
+        summary="Metadata of a file or directory as of a point",
+        responses=documented(401, 404, 422, 502, 503),
+    )
+    async def meta(request: Request, path: PathIn, at: At = None) -> dict[str, Any]:
+        clean = volume_path(_exact_path(request, "/v1/meta/", path))
         async with backend.views.use(at) as view:
             node = _lookup(view, clean)
             xattrs = [n.decode("utf-8", "replace") for n in view.fs.listxattr(node.ino)]
             return {
-                "path": clean,
+                "path": shown(clean),
+                "path_url": url_path(clean),
                 "point": _point(view),
                 **entry(node),
                 "nlink": node.nlink,
@@ -162,7 +228,7 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
             }
 
     @r.api_route(
-        "/content/{path:path}",
+        "/content/{path:anypath}",
         methods=["GET", "HEAD"],
         summary="Download a file as of a point (streamed, HTTP Range)",
         description=(
@@ -173,14 +239,16 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
         response_class=Response,
         responses={
             200: {"content": {"application/octet-stream": {}}},
-            206: {},
-            304: {},
-            412: {},
-            416: {},
+            206: {
+                "description": "The range asked for.",
+                "content": {"application/octet-stream": {}},
+            },
+            304: {"description": "Not modified: the client's copy is this version."},
+            **documented(401, 404, 412, 416, 422, 502, 503),
         },
     )
-    async def content(request: Request, path: str, at: At = None) -> Response:
-        clean = volume_path(path)
+    async def content(request: Request, path: PathIn, at: At = None) -> Response:
+        clean = volume_path(_exact_path(request, "/v1/content/", path))
         view = await backend.views.acquire(at)
         try:
             node = _lookup(view, clean)
@@ -188,11 +256,13 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
                 kind = entry(node)["type"]
                 hint = f" pointing to {entry(node)['target']!r}" if kind == "symlink" else ""
                 raise ApiError(
-                    400, "not_a_file", f"{clean} is a {kind}{hint}; only files can be downloaded"
+                    400,
+                    "not_a_file",
+                    f"{shown(clean)} is a {kind}{hint}; only files can be downloaded",
                 )
             tag = etag(view, node)
             mtime_s = node.mtime_ns // 10**9
-            name = clean.rsplit("/", 1)[-1] or "file"
+            name = shown(clean).rsplit("/", 1)[-1] or "file"
             validators = {
                 "ETag": tag,
                 "Last-Modified": conditional.last_modified(mtime_s),
@@ -210,7 +280,7 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
                 raise ApiError(
                     412,
                     "precondition_failed",
-                    f"{clean} as of LSN {view.lsn} does not match If-Match / "
+                    f"{shown(clean)} as of LSN {view.lsn} does not match If-Match / "
                     "If-Unmodified-Since (the file is another version)",
                     validators,
                 )
@@ -256,7 +326,9 @@ def router(backend: Backend, auth: Auth, metrics: Metrics) -> APIRouter:
                     if not data:
                         # The live file shrank under us: end the stream short, visibly.
                         nxt = None
-                        raise ApiError(500, "file_changed", f"{clean} changed while being sent")
+                        raise ApiError(
+                            500, "file_changed", f"{shown(clean)} changed while being sent"
+                        )
                     pos += len(data)
                     nxt = read_at(pos)
                     metrics.bytes_sent += len(data)

@@ -23,7 +23,8 @@ from vaultsync.config import Config
 from vaultsync.errors import VaultsyncError
 from vaultsync.points.restore import restore
 
-from .errors import ApiError
+from .errors import ApiError, shown
+from .paths import url_path
 
 log = logging.getLogger("vaultsync.api.jobs")
 
@@ -52,7 +53,10 @@ class Job:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def public(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task"}
+        """The job as JSON: `path` for people (U+FFFD for bytes that are not UTF-8) and
+        `path_url` byte for byte, as listings give it."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task"}
+        return {**out, "path": shown(self.path), "path_url": url_path(self.path)}
 
 
 class Jobs:

@@ -22,8 +22,12 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-async def _refuse(send: Send, status: int, code: str, message: str) -> None:
+async def refuse(
+    send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> None:
+    """Answer in the API's error shape from ASGI middleware, before any route runs."""
     body = json.dumps({"error": code, "message": message}).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send(
         {
             "type": "http.response.start",
@@ -31,6 +35,7 @@ async def _refuse(send: Send, status: int, code: str, message: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *extra,
             ],
         }
     )
@@ -49,7 +54,7 @@ class LimitRequests:
             return
         url_len = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         if url_len > self.max_url:
-            await _refuse(send, 414, "uri_too_long", f"the URL is longer than {self.max_url} bytes")
+            await refuse(send, 414, "uri_too_long", f"the URL is longer than {self.max_url} bytes")
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
@@ -61,10 +66,10 @@ class LimitRequests:
             try:
                 n = int(declared)
             except ValueError:
-                await _refuse(send, 400, "bad_request", "Content-Length is not a number")
+                await refuse(send, 400, "bad_request", "Content-Length is not a number")
                 return
             if n > self.max_body:
-                await _refuse(send, 413, "too_large", too_big)
+                await refuse(send, 413, "too_large", too_big)
                 return
         # Read (bounded) whatever arrives, then replay it to the app.
         chunks: list[bytes] = []
@@ -73,11 +78,11 @@ class LimitRequests:
             while True:
                 msg = await receive()
                 if msg["type"] != "http.request":
-                    break
+                    return  # the client went away mid-body: nothing to answer, nothing to run
                 part = msg.get("body", b"")
                 total += len(part)
                 if total > self.max_body:
-                    await _refuse(send, 413, "too_large", too_big)
+                    await refuse(send, 413, "too_large", too_big)
                     return
                 chunks.append(part)
                 if not msg.get("more_body", False):

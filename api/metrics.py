@@ -1,10 +1,16 @@
 """Prometheus text exposition (format 0.0.4) at /metrics, written by hand.
 
 A handful of series does not justify a client library: request counts by
-route template (bounded cardinality: never the raw path), bytes sent,
-point-view cache figures, restore jobs by state, and the volume and
-per-target replication numbers from `gather_status` (without probing: a
-scrape must be cheap and must not touch the providers).
+route template, bytes sent, point-view cache figures, restore jobs by state,
+and the volume and per-target replication numbers from `gather_status`
+(without probing: a scrape must be cheap and must not touch the providers).
+
+Every label value a request decides comes from a fixed set, so no client can
+add series: the route is the matched template (never the raw path), the
+method one of the standard ones or "other" (any token is a valid method to
+HTTP, and `-X M1234` each made a series that lived as long as the server),
+the status a three-digit code the server itself sent. The other labels come
+from the config (volume and target names), escaped.
 """
 
 from __future__ import annotations
@@ -23,13 +29,19 @@ def _labels(**kw: str) -> str:
     return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kw.items()) + "}"
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class Metrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, str]] = Counter()
         self.bytes_sent = 0
 
     def count(self, method: str, route: str, status: int) -> None:
-        self.requests[(method, route, str(status))] += 1
+        """One request; `route` must be a route template or a fixed word, never the path."""
+        label = method if method in METHODS else "other"
+        code = str(status) if 100 <= status <= 599 else "other"
+        self.requests[(label, route, code)] += 1
 
     def render(
         self,

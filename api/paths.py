@@ -6,6 +6,11 @@ names are refused outright rather than silently reinterpreted, so the caller
 learns that the request was wrong. (The server sees `%2e%2e` already
 decoded to `..`, so the encoded form is refused by the same rule.)
 
+A name may be any bytes but NUL and '/', so a volume path is a str with
+surrogate escapes for bytes that are not UTF-8 (`os.fsdecode`), and its form
+in a URL, `url_path`, spells every such byte as %XX: the listings give it as
+`path_url`, and the routes and restore bodies take it back, byte for byte.
+
 Restore destinations are on the server's own disk: they must resolve, with
 every symlink followed, to a place under one of `api.restore_roots`.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath
+from urllib.parse import quote, unquote_to_bytes
 
 from .errors import ApiError
 
@@ -44,6 +50,16 @@ def volume_path(raw: str) -> str:
             raise _bad(f"a name in {raw!r} is longer than {MAX_NAME} bytes")
         parts.append(part)
     return "/" + "/".join(parts)
+
+
+def url_path(path: str | bytes) -> str:
+    """A volume path as a URL spells it (after /v1/tree etc.): other bytes than these as %XX."""
+    return quote(os.fsencode(path), safe="/")
+
+
+def from_url_path(text: str | bytes) -> str:
+    """The volume path a `url_path` spells, each %XX one byte (not decoded as UTF-8)."""
+    return os.fsdecode(unquote_to_bytes(text))
 
 
 def _under(path: str, root: str) -> bool:

@@ -45,6 +45,7 @@ from vaultsync.errors import VaultsyncError
 from vaultsync.format.bucket_layout import SEGMENTS, TAILS
 from vaultsync.points.recovered import RecoveredVolume
 from vaultsync.points.recovery import (
+    PointError,
     PointSpec,
     SegmentCache,
     parse_point,
@@ -60,18 +61,18 @@ VIEW_CACHE = 16 << 20  # decoded chunks kept per view
 LIVE_WORDS = ("", "latest", "now", "live")
 
 
-def _parse(text: str) -> PointSpec:
-    """`parse_point`, with its ValueError (`lsn:abc`) and impossible LSNs as a 400, not a 500."""
+def parse_at(text: str) -> PointSpec:
+    """`parse_point`, with what it refuses (`lsn:abc`, year 0) and LSN 0 as a 400, not a 500."""
     try:
         spec = parse_point(text)
-    except ValueError:
-        spec = None
-    if spec is None or (spec.lsn is not None and spec.lsn < 1):
+    except PointError as e:
+        raise ApiError(400, "bad_point", f"at: {e}") from None
+    if spec.lsn is not None and spec.lsn < 1:
         raise ApiError(
             400,
             "bad_point",
-            f"at={text!r} is not a point: give an LSN (1 or more, e.g. 1234 or lsn:1234), an "
-            "ISO-8601 time, a snapshot name, or nothing for the newest point",
+            f"at={text[:60]!r} is not a point: give an LSN (1 or more, e.g. 1234 or lsn:1234), "
+            "an ISO-8601 time, a snapshot name, or nothing for the newest point",
         )
     return spec
 
@@ -171,7 +172,7 @@ class PointViews:
                     "remount it; points from the targets are still served",
                 )
             return View(self.live, vol.last_lsn, time.time_ns(), True, vol.header.volume_id_hex)
-        spec = _parse(text)
+        spec = parse_at(text)
         async with self._lock:
             view = self._views.get(spec)
             if view is not None and await self._still_valid(spec, view):

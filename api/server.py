@@ -5,6 +5,13 @@ use" becomes a one-line error instead of uvicorn exiting the whole process
 (which, inside the mount daemon, would take the mount down with it). The
 embedded server leaves signals to the mount: uvicorn's own handlers are
 switched off and it is stopped by `should_exit`.
+
+uvicorn times out only an idle keep-alive connection: a client that
+connected and said nothing, or sent its request a byte at a time, held a
+connection (and, with a body, a task) for as long as it liked. Here every
+request must arrive whole within REQUEST_SECONDS of its first byte (of the
+connection, for the first one). And the access log, which records each
+request line, never shows a credential a client put in the URL.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 from collections.abc import Iterator
+from urllib.parse import unquote_plus
 
 import h11
 import uvicorn
@@ -29,6 +38,9 @@ from .auth import Auth
 from .source import Backend
 
 log = logging.getLogger("vaultsync.api")
+
+REQUEST_SECONDS = 10.0  # to send a whole request: head and (at most 64 KiB of) body
+KEEP_ALIVE_SECONDS = 5  # an idle connection between requests
 
 
 def check_serving(cfg: Config, listen: str) -> tuple[str, int]:
@@ -82,6 +94,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _json_error(status: int, reason: str, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error response in the API's shape, closing the connection."""
+    body = json.dumps({"error": code, "message": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 BAD_HTTP = json.dumps(
     {
         "error": "bad_request",
@@ -89,14 +111,23 @@ BAD_HTTP = json.dumps(
         "check the client",
     }
 ).encode()
+TOO_SLOW = _json_error(
+    408,
+    "Request Timeout",
+    "request_timeout",
+    f"the request did not arrive whole within {REQUEST_SECONDS:g} seconds; send it at once",
+)
 
 
 class JsonErrorProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, answering a request it cannot parse in the API's JSON shape.
+    """uvicorn's HTTP/1.1 protocol, with the API's JSON errors and a deadline per request.
 
-    Such a request never reaches the app (so no exception handler sees it);
-    uvicorn's own answer is a plain-text 400, the one error that was not JSON.
+    A request uvicorn cannot parse never reaches the app (so no exception
+    handler sees it); uvicorn's own answer is a plain-text 400, the one error
+    that was not JSON. The deadline: see the module docstring.
     """
+
+    _deadline: asyncio.TimerHandle | None = None
 
     def send_400_response(self, msg: str) -> None:
         headers = [
@@ -112,6 +143,49 @@ class JsonErrorProtocol(H11Protocol):
             self.transport.write(self.conn.send(event) or b"")
         self.transport.close()
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._start_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and self.conn.their_state is h11.IDLE:
+            self._start_deadline()  # the first bytes of the next request on this connection
+        super().data_received(data)
+        self._stop_deadline_if_received()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A pipelined request already buffered is being read now: it is on the clock too.
+        pending = self.conn.their_state is h11.SEND_BODY or (
+            self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
+        )
+        if pending and self._deadline is None:
+            self._start_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
+
+    def _start_deadline(self) -> None:
+        self._deadline = self.loop.call_later(REQUEST_SECONDS, self._too_slow)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _stop_deadline_if_received(self) -> None:
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+            self._stop_deadline()  # the whole request is in (or the connection is over)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(TOO_SLOW)
+        self.transport.close()
+
 
 class _QuietServer(uvicorn.Server):
     """A uvicorn server that leaves signal handling to its host process."""
@@ -121,8 +195,38 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+class RedactCredentials(logging.Filter):
+    """Keeps credentials a client put in a URL out of the access log's request lines.
+
+    The API refuses `?token=` (auth.py), but uvicorn logs the request line
+    whatever the answer was: values of query parameters named like a secret,
+    and anything shaped like a vaultsync token, are replaced.
+    """
+
+    SECRET_NAME = re.compile(r"(?i)token|secret|passw|auth|key")
+    TOKEN = re.compile(r"vst_[A-Za-z0-9_\-]+")
+
+    @classmethod
+    def redact(cls, text: str) -> str:
+        path, sep, query = text.partition("?")
+        if sep:
+            items = []
+            for item in query.split("&"):
+                name, eq, _ = item.partition("=")
+                # The name as the app reads it (`%74oken` is `token`).
+                secret = eq and cls.SECRET_NAME.search(unquote_plus(name))
+                items.append(f"{name}=[redacted]" if secret else item)
+            text = f"{path}?{'&'.join(items)}"
+        return cls.TOKEN.sub("vst_[redacted]", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
 def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
@@ -131,8 +235,14 @@ def _uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
         server_header=False,
         proxy_headers=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         http=JsonErrorProtocol,
     )
+    # After Config, which (re)configures uvicorn's loggers.
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactCredentials) for f in access.filters):
+        access.addFilter(RedactCredentials())
+    return config
 
 
 async def serve_standalone(

@@ -1,9 +1,12 @@
 // The restore page: plain JS over the /v1 API. The token lives in sessionStorage
 // (this tab only) and goes in an Authorization header, never in a URL.
+// Paths travel as the API's `path_url` (each byte of a name as %XX where needed), so
+// a name with a newline or bytes that are not UTF-8 can be opened and downloaded too.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem("vaultsync-token") || "";
-let cwd = "/";
+let cwd = "/";  // the directory shown, as the API's path_url
+let cwdShown = "/";  // the same, as text
 let cursor = null;
 
 function showError(msg) { $("error").textContent = msg || ""; }
@@ -26,7 +29,7 @@ function q(extra) {
   if (at()) p.set("at", at());
   return p.toString();
 }
-function enc(path) { return path.split("/").filter(Boolean).map(encodeURIComponent).join("/"); }
+function parts(path) { return path.split("/").filter(Boolean); }
 function human(n) {
   const u = ["B", "KiB", "MiB", "GiB", "TiB"]; let i = 0;
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
@@ -63,48 +66,55 @@ async function open(path, more) {
     if (!more) { cwd = path; cursor = null; }
     const params = { limit: "50" };
     if (more && cursor !== null) params.cursor = String(cursor);
-    const r = await (await api("/v1/tree/" + enc(cwd) + "?" + q(params))).json();
+    const r = await (await api("/v1/tree" + cwd + "?" + q(params))).json();
+    cwdShown = r.path;
     $("pointinfo").textContent = "Showing LSN " + r.point.lsn + (r.point.time ? " (" + r.point.time + ")" : "") + (r.point.live ? ", live" : "");
     crumbs();
     const tb = document.querySelector("#files tbody");
     if (!more) tb.textContent = "";
     for (const e of r.entries) {
       const tr = document.createElement("tr");
-      const full = (cwd === "/" ? "" : cwd) + "/" + e.name;
+      const full = (cwdShown === "/" ? "" : cwdShown) + "/" + e.name;
       const name = document.createElement("td");
       const a = document.createElement("a");
       a.textContent = e.name + (e.type === "dir" ? "/" : e.type === "symlink" ? " → " + e.target : "");
       a.className = "entry " + e.type;
-      if (e.type === "dir") a.onclick = () => open(full);
-      else if (e.type === "file") a.onclick = () => download(full, e.name);
+      if (e.type === "dir") a.onclick = () => open(e.path_url);
+      else if (e.type === "file") a.onclick = () => download(e.path_url, e.name);
       name.appendChild(a);
       const size = document.createElement("td"); size.className = "size"; size.textContent = e.type === "file" ? human(e.size) : "";
       const mt = document.createElement("td"); mt.textContent = e.mtime.replace("T", " ").slice(0, 19);
       const act = document.createElement("td");
       const pick = document.createElement("a"); pick.textContent = "restore…"; pick.className = "pick";
-      pick.onclick = () => { $("rpath").value = full; $("rdest").focus(); };
+      pick.onclick = () => { setRestorePath(full, e.path_url); $("rdest").focus(); };
       act.appendChild(pick);
       tr.append(name, size, mt, act);
       tb.appendChild(tr);
     }
     cursor = r.next_cursor;
     $("more").hidden = cursor === null;
-    $("rpath").value = cwd;
+    setRestorePath(cwdShown, cwd);
   } catch (e) { showError(e.message); }
+}
+
+// The restore field shows the path as text; while it holds what the page put there, the
+// request sends the path byte for byte (path_url), else what the user typed.
+function setRestorePath(shown, url) {
+  const f = $("rpath"); f.value = shown; f.dataset.shown = shown; f.dataset.url = url;
 }
 
 function crumbs() {
   const nav = $("crumbs"); nav.textContent = "";
-  const parts = cwd.split("/").filter(Boolean);
+  const urls = parts(cwd), labels = parts(cwdShown);
   const link = (label, path) => { const a = document.createElement("a"); a.textContent = label; a.onclick = () => open(path); nav.append(a, " / "); };
   link("volume", "/");
-  parts.forEach((p, i) => link(p, "/" + parts.slice(0, i + 1).join("/")));
+  urls.forEach((p, i) => link(labels[i] || p, "/" + urls.slice(0, i + 1).join("/")));
 }
 
 async function download(path, name) {
   showError("");
   try {
-    const blob = await (await api("/v1/content/" + enc(path) + "?" + q())).blob();
+    const blob = await (await api("/v1/content" + path + "?" + q())).blob();
     const a = document.createElement("a");
     a.href = URL.createObjectURL(blob); a.download = name;
     document.body.appendChild(a); a.click(); a.remove();
@@ -115,7 +125,9 @@ async function download(path, name) {
 async function startRestore() {
   showError("");
   try {
-    const body = { path: $("rpath").value, at: at(), destination: $("rdest").value, force: $("rforce").checked };
+    const f = $("rpath");
+    const body = { at: at(), destination: $("rdest").value, force: $("rforce").checked };
+    if (f.dataset.url && f.value === f.dataset.shown) body.path_url = f.dataset.url; else body.path = f.value;
     const job = await (await api("/v1/restores", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })).json();
     watch(job.id);
   } catch (e) { showError(e.message); }
@@ -125,12 +137,13 @@ function watch(id) {
   const li = document.createElement("li"); li.id = "job-" + id;
   const bar = document.createElement("progress"); const text = document.createElement("span");
   const cancel = document.createElement("button"); cancel.textContent = "Cancel";
-  cancel.onclick = () => api("/v1/restores/" + id + "/cancel", { method: "POST" }).catch((e) => showError(e.message));
+  // A JSON type even without a body: the server refuses a POST without one (see auth.py).
+  cancel.onclick = () => api("/v1/restores/" + encodeURIComponent(id) + "/cancel", { method: "POST", headers: { "Content-Type": "application/json" } }).catch((e) => showError(e.message));
   li.append(bar, " ", text, " ", cancel);
   $("jobs").prepend(li);
   const tick = async () => {
     try {
-      const j = await (await api("/v1/restores/" + id)).json();
+      const j = await (await api("/v1/restores/" + encodeURIComponent(id))).json();
       if (j.bytes_total) { bar.max = j.bytes_total; bar.value = j.bytes_done; }
       text.textContent = j.path + " → " + j.destination + ": " + j.state + " (" + human(j.bytes_done) + (j.bytes_total ? " of " + human(j.bytes_total) : "") + ")" + (j.error ? " — " + j.error : "");
       li.dataset.state = j.state;

@@ -1,4 +1,6 @@
-"""Security of the API: tokens and scopes, path confinement, request bounds, a schema fuzz.
+"""Security of the API: tokens and scopes, path confinement, request bounds, JSON errors.
+
+(What issue 21 found, and schemathesis over every operation, are in test_api_hostile.py.)
 
 A standalone `vaultsync serve` with a read and an admin token serves a small
 volume from the SeaweedFS bucket. Traversal attempts are sent as raw HTTP
@@ -20,8 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
 
 from tests.support.api_helpers import (
     ADMIN_TOKEN,
@@ -94,7 +94,7 @@ def test_tokens_and_scopes(srv: dict[str, Any]) -> None:
     assert r.status_code == 403 and "admin" in r.json()["message"]
     r = httpx.post(url + "/v1/snapshots", json={"name": "s1"}, headers=auth(READ_TOKEN))
     assert r.status_code == 403
-    r = httpx.post(url + "/v1/restores/r1/cancel", headers=auth(READ_TOKEN))
+    r = httpx.post(url + "/v1/restores/r1/cancel", json={}, headers=auth(READ_TOKEN))
     assert r.status_code == 403
     # Tokens never reach the log.
     log = srv["log"].read_text()
@@ -207,10 +207,10 @@ def test_request_bounds(srv: dict[str, Any]) -> None:
     r = httpx.get(url + "/v1/tree/" + "a" * 9000, headers=h)
     assert r.status_code == 414
     r = httpx.get(url + "/v1/tree/", params={"limit": 51}, headers=h)
-    assert r.status_code == 400 and "max_page" in r.json()["message"]
+    assert r.status_code == 422 and "less than or equal to 50" in r.json()["message"]
     r = httpx.get(url + "/v1/tree/", params={"limit": 0}, headers=h)
     assert r.status_code == 422 and "limit" in r.json()["message"]
-    r = httpx.post(url + "/v1/restores", content=b"{not json", headers=h)
+    r = httpx.post(url + "/v1/restores", content=b"{not json", headers={**h, **JSON_TYPE})
     assert r.status_code == 422 and "error" in r.json()
     r = httpx.get(url + "/v1/tree/" + "n" * 300, headers=h)
     assert r.status_code == 400 and "longer than 255" in r.json()["message"]
@@ -260,8 +260,25 @@ JSON_TYPE = {"content-type": "application/json"}
         ("GET", "/v1/tree/?cursor=-1", {}, 422, "invalid_request", "query cursor"),
         ("GET", "/metrics?probe=maybe", {}, 422, "invalid_request", "query probe"),
         ("GET", "/v1/restores/" + "x" * 65, {}, 422, "invalid_request", "path job_id"),
-        ("POST", "/v1/snapshots", {}, 422, "invalid_request", "body"),
+        ("POST", "/v1/snapshots", {}, 415, "unsupported_media_type", "application/json"),
+        ("POST", "/v1/snapshots", {"headers": JSON_TYPE}, 422, "invalid_request", "body"),
         ("POST", "/v1/snapshots", {"json": [1]}, 422, "invalid_request", "body"),
+        (
+            "POST",
+            "/v1/snapshots",
+            {"json": {"name": "a", "lsn": "5"}},
+            422,
+            "invalid_request",
+            "lsn",
+        ),
+        (
+            "POST",
+            "/v1/restores",
+            {"json": {"path": "/d", "destination": "d", "force": 0}},
+            422,
+            "invalid_request",
+            "force",
+        ),
         ("POST", "/v1/snapshots", {"json": {"name": "a", "x": 1}}, 422, "invalid_request", "x"),
         (
             "POST",
@@ -280,7 +297,8 @@ JSON_TYPE = {"content-type": "application/json"}
             "JSON",
         ),
         ("POST", "/v1/restores", {"content": b"x" * 70_000}, 413, "too_large", "larger than"),
-        ("GET", "/v1/tree/?at=lsn:abc", {}, 400, "bad_point", "not a point"),
+        ("POST", "/v1/restores", {"content": b"x"}, 415, "unsupported_media_type", "JSON"),
+        ("GET", "/v1/tree/?at=lsn:abc", {}, 400, "bad_point", "not an LSN"),
         ("GET", "/v1/tree/?at=0", {}, 400, "bad_point", "not a point"),
         ("GET", "/v1/tree/?at=no-such-snapshot", {}, 404, "unknown_point", "no snapshot named"),
         ("GET", "/v1/restores/unknown", {}, 404, "no_such_job", "no restore job"),
@@ -319,6 +337,7 @@ def test_every_error_is_json(
     assert needle in msg, msg
     if status == 405:
         assert r.headers["allow"]  # RFC 9110 §15.5.6
+        assert method not in r.headers["allow"].split(", ")
 
 
 def test_errors_before_the_app_are_json_too(srv: dict[str, Any]) -> None:
@@ -355,12 +374,15 @@ def test_head_wherever_get(srv: dict[str, Any]) -> None:
     r = httpx.head(srv["url"] + "/v1/restores", headers=h)
     assert r.status_code == 200
     r = httpx.head(srv["url"] + "/v1/snapshots/x", headers=h)
-    assert r.status_code == 405 and "DELETE" in r.headers["allow"]
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE"
+    # Every method the path has, though its routes are several (GET and POST here).
+    r = httpx.request("PUT", srv["url"] + "/v1/restores", headers=h)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
     r = httpx.head(srv["url"] + "/v1/status")  # no token: still a 401, not a 405
     assert r.status_code == 401
     text = httpx.get(srv["url"] + "/metrics", headers=h).text
     assert (
-        'vaultsync_api_requests_total{method="HEAD",route="/v1/tree/{path:path}",status="200"}'
+        'vaultsync_api_requests_total{method="HEAD",route="/v1/tree/{path:anypath}",status="200"}'
         in text
     )
 
@@ -429,26 +451,3 @@ def test_token_commands() -> None:
         timeout=60,
     )
     assert short.returncode != 0 and "at least 24" in short.stderr
-
-
-def test_fuzz_no_server_errors(srv: dict[str, Any]) -> None:
-    """Schema-driven requests to every operation with the admin token: never a 5xx."""
-    schema = schemathesis.openapi.from_url(srv["url"] + "/openapi.json")
-    operations = [r.ok() for r in schema.get_all_operations()]  # type: ignore[union-attr]
-    assert len(operations) >= 12
-    seen: list[int] = []
-    for op in operations:
-
-        @settings(
-            max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), database=None
-        )
-        @given(case=op.as_strategy())
-        def one(case: Any) -> None:
-            r = case.call(headers=auth(ADMIN_TOKEN), timeout=60)
-            seen.append(r.status_code)
-            assert r.status_code < 500, (case.method, case.formatted_path, r.text[:300])
-            if r.status_code >= 400 and case.method.upper() != "HEAD":
-                assert "message" in r.json(), r.text
-
-        one()
-    assert len(seen) >= len(operations) and any(s >= 400 for s in seen)

@@ -57,6 +57,12 @@ class Round:
 class Volume:
     mount: Mount
     rounds: list[Round] = field(default_factory=list)
+    odd: dict[bytes, bytes] = field(default_factory=dict)  # volume path -> content
+
+
+# Names a volume may hold that text-minded clients trip on: a newline, a tab, bytes that
+# are not UTF-8, and characters that mean something in a URL.
+ODD_NAMES = (b"line\nbreak.txt", b"tab\there", b"caf\xe9.txt", b"100% sure?#.txt", b"\xff\xfe")
 
 
 def _stamp() -> str:
@@ -65,9 +71,18 @@ def _stamp() -> str:
 
 
 def write_volume(
-    root: Path, sw: LocalProvider, rc: LocalProvider, api: str, big_mib: int = 24
+    root: Path,
+    sw: LocalProvider,
+    rc: LocalProvider,
+    api: str,
+    big_mib: int = 24,
+    odd_names: bool = False,
 ) -> Volume:
-    """Mount a fresh volume (API config `api`), write two rounds, leave it mounted."""
+    """Mount a fresh volume (API config `api`), write two rounds, leave it mounted.
+
+    With `odd_names`, round 0 also writes ODD_NAMES under /odd (in `Volume.odd`, not
+    in the rounds: a client library cannot even spell most of them as a URL).
+    """
     bucket = f"api-{uuid.uuid4().hex[:12]}"
     sw.create_bucket(bucket)
     rc.create_bucket(bucket)
@@ -95,6 +110,14 @@ def write_volume(
     for i in range(30):
         put(f"/many/f{i:03d}", f"file {i}\n".encode() * (i + 1))
     os.symlink("docs", mnt / "link")
+    if odd_names:
+        odd_dir = os.fsencode(mnt / "odd")
+        os.mkdir(odd_dir)
+        for i, name in enumerate(ODD_NAMES):
+            data = f"odd file {i}\n".encode()
+            with open(odd_dir + b"/" + name, "wb") as out:
+                out.write(data)
+            vol.odd[b"/odd/" + name] = data
     fsync_path(mnt / "big.bin")
     time.sleep(0.4)
     vol.rounds.append(Round(_stamp(), dict(files)))

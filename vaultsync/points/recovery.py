@@ -73,22 +73,54 @@ class PointSpec:
 
 
 def parse_point(text: str | None) -> PointSpec:
-    """`--at` value: empty/"latest", an integer LSN, an ISO-8601 time, or a snapshot name."""
+    """`--at` value: empty/"latest", an integer LSN, an ISO-8601 time, or a snapshot name.
+
+    Whatever a person or a request can type either becomes a point or is a
+    PointError with one line saying what to give instead: an LSN too long for
+    `int()` or for the catalog, or a time outside the years a point can be
+    shown in, used to escape as a ValueError or OverflowError (a traceback in
+    the CLI, a 500 in the API).
+    """
+    max_lsn = 2**63 - 1  # the catalog keeps LSNs as SQLite integers
     if text is None or text in ("", "latest", "now"):
         return PointSpec()
-    if re.fullmatch(r"\d+", text):
-        return PointSpec(lsn=int(text))
-    if text.startswith("lsn:"):
-        return PointSpec(lsn=int(text[4:]))
+    digits = text[4:] if text.startswith("lsn:") else text
+    if text.startswith("lsn:") or re.fullmatch(r"[0-9]+", text):
+        shown = digits if len(digits) <= 40 else digits[:20] + f"... ({len(digits)} characters)"
+        if not re.fullmatch(r"[0-9]+", digits):
+            raise PointError(
+                f"{text[:60]!r} is not an LSN: give digits only, e.g. 1234 or lsn:1234"
+            )
+        significant = digits.lstrip("0")
+        if len(significant) > len(str(max_lsn)) or int(significant or "0") > max_lsn:
+            raise PointError(
+                f"LSN {shown} is out of range: an LSN is a whole number from 1 to {max_lsn}"
+            )
+        return PointSpec(lsn=int(significant or "0"))
     if text.startswith("snapshot:"):
         return PointSpec(snapshot=text[9:])
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return PointSpec(snapshot=text)
-    if dt.tzinfo is None:
-        dt = dt.astimezone()  # a local time, as the user at the terminal means it
-    return PointSpec(time_ns=int(dt.timestamp() * 1e9))
+    # Points are shown as UTC dates, so the instant must be one: years 1 to 9999 in UTC,
+    # with a day to spare at the top for the float a point's time is shown through.
+    try:
+        if dt.tzinfo is None:
+            dt = dt.astimezone()  # a local time, as the user at the terminal means it
+        utc = dt.astimezone(UTC)
+        in_range = utc < datetime(9999, 12, 31, tzinfo=UTC)
+    except (OverflowError, ValueError, OSError):
+        in_range = False
+    if not in_range:
+        raise PointError(
+            f"the time {text!r} is out of range: give a time after 0001-01-01 and before "
+            "9999-12-31 in UTC, e.g. 2026-11-25T06:00:00Z"
+        )
+    delta = utc - datetime(1970, 1, 1, tzinfo=UTC)  # exact: no float between here and the ns
+    return PointSpec(
+        time_ns=(delta.days * 86400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+    )
 
 
 @dataclass
