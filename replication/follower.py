@@ -121,6 +121,7 @@ class Follower:
         log.info("this site has no copy of the volume: downloading it from %s", source.name)
         t0 = time.monotonic()
         shutil.rmtree(self.dirs.journal, ignore_errors=True)
+        self.dirs.journal.mkdir(parents=True)
         rebuilt, keys = await rebuild(
             source,
             self.dirs.root,

@@ -64,7 +64,7 @@ class Replicator:
         )
         sh = Shipper(t, store, self.vol, Health())
         sh.on_progress = self._progress
-        sh.on_fenced = self._fenced
+        sh.on_fenced = self.fence
         self.shippers.append(sh)
         self._probe_stores.append(probe)
 
@@ -236,7 +236,8 @@ class Replicator:
         self._changed.set()
         self.checkpoints.progress()
 
-    def _fenced(self, reason: str) -> None:
+    def fence(self, reason: str) -> None:
+        """Another site holds a newer lease: refuse writes, ship nothing more."""
         if not self.vol.fenced:
             log.error("FENCED: %s. Writes are refused from now on; nothing more is shipped", reason)
         self.vol.fence(reason)
@@ -311,7 +312,7 @@ class Replicator:
                 sh.lease_checked(await check_lease(probe, self.vol.epoch))
                 changed = sh.health.ok(time.monotonic() - t0)
             except FencedError as e:
-                self._fenced(str(e))
+                self.fence(str(e))
                 return
             except StoreError as e:
                 changed = sh.health.failed(e.reason)

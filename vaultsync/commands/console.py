@@ -76,6 +76,9 @@ def print_status(st: dict[str, Any]) -> None:
             f"{f['lease_epoch']}, this site has epoch {v['epoch']}: another site writes this "
             "volume. Do not mount here; list unshipped changes with `vaultsync salvage`.",
         )
+    fo = v.get("failover") or {}
+    if fo.get("mode") == "auto" or fo.get("live"):
+        _print_failover(fo)
     table = Table("target", "mode", "health", "watermark", "lag LSNs", "lag", "last error", "where")
     for t in st["targets"]:
         mode = t["mode"]
@@ -96,6 +99,46 @@ def print_status(st: dict[str, Any]) -> None:
             f"{t['endpoint']}/{t['bucket']}/{t['prefix']}",
         )
     out.print(table)
+
+
+def _print_failover(fo: dict[str, Any]) -> None:
+    """The site's role in automatic failover, as `status` shows it."""
+    role = fo.get("role") or "none"
+    style = {"writer": "bold green", "standby": "bold", "fenced": "bold red"}.get(role, "bold")
+    line = Text.assemble(
+        "  site ",
+        (str(fo.get("site")), "bold"),
+        ": ",
+        (role.upper(), style),
+        f"  epoch {fo.get('epoch', '?')}",
+    )
+    if fo.get("writer_site"):
+        line.append(f"  writer {fo['writer_site']}")
+    if role == "writer" and "acknowledging" in fo:
+        line.append("  acknowledging" if fo["acknowledging"] else "  PAUSED (no majority)")
+    out.print(line)
+    if fo.get("reason"):
+        out.print(f"    {fo['reason']}")
+    hb = fo.get("heartbeat") or {}
+    if hb:
+        parts = []
+        for name, h in hb.items():
+            if "quiet_for" in h:
+                parts.append(f"{name}: unchanged {h['quiet_for']:.1f}s")
+            elif h.get("renewed_ago") is not None:
+                parts.append(f"{name}: renewed {h['renewed_ago']:.1f}s ago")
+            else:
+                parts.append(f"{name}: {h.get('error') or 'not renewed'}")
+        out.print("    heartbeat " + "; ".join(parts))
+    sb = fo.get("standby")
+    if sb:
+        out.print(f"    copy at LSN {sb['lsn']} (segment {sb['segment']}) from {sb['source']}")
+    if fo.get("takeover"):
+        t = fo["takeover"]
+        out.print(
+            f"    took over from {t['from_site']} at epoch {t['epoch']} in {t['seconds']}s, "
+            f"{t['downloaded_bytes']} bytes downloaded"
+        )
 
 
 def run_reporting_errors(app: Callable[[], Any]) -> None:

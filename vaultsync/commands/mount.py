@@ -93,9 +93,14 @@ def mount(
         pid = start_daemon(config, mountpoint, log_path)
         out.print(f"volume {cfg.volume.name} mounted at {mountpoint} (pid {pid}, log {log_path})")
         return
+    _log_to_stderr()
+    if cfg.failover.mode == "auto":
+        from vaultsync.daemon.site import run_site
+
+        run_site(cfg, mountpoint, passphrase(cfg), config.resolve())
+        return
     from vaultsync.daemon.writer import run_mount
 
-    _log_to_stderr()
     run_mount(cfg, mountpoint, passphrase(cfg), config.resolve())
 
 

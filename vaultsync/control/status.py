@@ -75,6 +75,9 @@ async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:
         volume["fenced"] = None
     live = live_replication(state_dir)
     volume["mounted"] = live is not None
+    volume["failover"] = _failover(cfg, volume, leases)
+    if volume["failover"].get("live"):
+        volume["mounted"] = True
     for t, h in zip(cfg.targets, health, strict=True):
         wm = numbers["watermarks"].get(t.name, {"lsn": 0})
         row: dict[str, Any] = {
@@ -100,6 +103,32 @@ async def gather_status(cfg: Config, probe: bool = True) -> dict[str, Any]:
             row.update({k: lt[k] for k in lt if k in row or k in ("reason", "uploaded_bytes")})
         targets.append(row)
     return {"volume": volume, "targets": targets}
+
+
+def _failover(cfg: Config, volume: dict[str, Any], leases: list[int | None]) -> dict[str, Any]:
+    """This site's role: the daemon's own account while it runs (failover.json), else
+    what the state directory and the targets' leases say."""
+    path = StateDir(cfg.volume.state_dir).failover_status
+    try:
+        snap: dict[str, Any] = json.loads(path.read_text())
+        if time.time() - float(snap.get("updated_at", 0)) <= 10:
+            snap["live"] = True
+            return snap
+    except (OSError, ValueError):
+        pass
+    out: dict[str, Any] = {"mode": cfg.failover.mode, "site": cfg.site.name, "live": False}
+    known = [e for e in leases if e is not None]
+    if StateDir(cfg.volume.state_dir).standby.exists():
+        out["role"] = "standby"
+    elif volume.get("initialized"):
+        newest = max(known, default=volume.get("epoch", 0))
+        out["role"] = "fenced" if newest > volume.get("epoch", 0) else "writer"
+        out["epoch"] = volume.get("epoch", 0)
+    else:
+        out["role"] = None
+    if known:
+        out["epoch"] = max(known)
+    return out
 
 
 async def _lease_epoch(store: ObjectStore) -> int | None:

@@ -22,6 +22,7 @@ MIGRATIONS = "migrate"  # resume journals of `vaultsync migrate`
 # A standby's copy of the volume header: its presence (and volume.json's absence)
 # marks the directory as a standby's warm copy, which no manual-mode mount opens.
 STANDBY = "standby.json"
+FAILOVER_STATUS = "failover.json"  # the site's role in automatic failover, rewritten each second
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class StateDir:
     @property
     def gc_cache(self) -> Path:
         return self.root / GC_CACHE
+
+    @property
+    def failover_status(self) -> Path:
+        return self.root / FAILOVER_STATUS
 
     @property
     def standby(self) -> Path:

@@ -1,0 +1,131 @@
+"""Automatic failover drills: two sites on real servers, each behind its own fault proxies.
+
+Three voters: two data targets (one sync, one async) and a witness, all
+buckets of the session's SeaweedFS (it honours conditional creates; rclone's
+server does not, so it cannot vote). Every drill is bounded in time and
+checks what the brief promises: every fsync the old writer acknowledged is at
+the new writer byte for byte; the old writer acknowledges nothing once the
+takeover began; nothing happens when nothing should.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.mounting import fsync_path
+from tests.support.sites import Site, TargetSpec, sites
+from vaultsync.commands.local_servers import LocalProvider
+
+FAILOVER_AFTER = 6.0
+
+
+def _targets() -> list[TargetSpec]:
+    tag = uuid.uuid4().hex[:8]
+    return [
+        TargetSpec("d1", f"fo-{tag}-d1", mode="sync"),
+        TargetSpec("d2", f"fo-{tag}-d2", mode="async"),
+        TargetSpec("w", f"fo-{tag}-w", role="witness"),
+    ]
+
+
+@pytest.fixture
+def two(tmp_path: Path, seaweedfs: LocalProvider) -> Iterator[dict[str, Site]]:
+    with sites(tmp_path, seaweedfs, ["a", "b"], _targets(), failover_after=FAILOVER_AFTER) as s:
+        yield s
+
+
+def _write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writable(site: Site) -> bool:
+    probe = site.mountpoint / f".probe-{uuid.uuid4().hex[:6]}"
+    try:
+        _write(probe, b"x")
+        return True
+    except OSError:
+        return False
+
+
+def _start_pair(s: dict[str, Site]) -> tuple[Site, Site]:
+    a, b = s["a"], s["b"]
+    a.start()
+    a.wait_role("writer", 30)
+    a.wait_for("writable", lambda: _writable(a), 30)
+    b.start(timeout=90)
+    b.wait_role("standby", 60)
+    return a, b
+
+
+def test_a_killed_writer_is_replaced_and_loses_no_fsynced_write(two: dict[str, Site]) -> None:
+    a, b = _start_pair(two)
+    files = {f"f{i}": os.urandom(5000 + i) for i in range(20)}
+    for name, data in files.items():
+        _write(a.mountpoint / name, data)
+    # The standby follows: the files show up read-only there while A still writes.
+    b.wait_for("following", lambda: (b.mountpoint / "f0").exists(), 30)
+    with pytest.raises(OSError) as ei:
+        _write(b.mountpoint / "nope", b"x")
+    assert ei.value.errno == errno.EROFS
+    last = os.urandom(3000)
+    _write(a.mountpoint / "last", last)  # fsynced: the sync target holds it
+    killed = time.monotonic()
+    a.kill9()
+    b.wait_for("writable", lambda: _writable(b), FAILOVER_AFTER + 30)
+    took = time.monotonic() - killed
+    assert took <= FAILOVER_AFTER + 10, took
+    for name, data in files.items():
+        assert (b.mountpoint / name).read_bytes() == data, name
+    assert (b.mountpoint / "last").read_bytes() == last
+    st = b.status()["volume"]["failover"]
+    assert st["role"] == "writer" and st["epoch"] == 1 and st["takeover"]["from_site"] == "a"
+
+
+def test_a_standby_cut_off_from_every_voter_does_not_take_over(two: dict[str, Site]) -> None:
+    a, b = _start_pair(two)
+    b.cut()
+    time.sleep(FAILOVER_AFTER * 2.5)
+    assert _writable(a)
+    assert b.role() == "standby"
+    b.heal()
+
+
+def test_a_writer_cut_off_stops_acknowledging_before_the_standby_starts(
+    two: dict[str, Site],
+) -> None:
+    a, b = _start_pair(two)
+    _write(a.mountpoint / "before", b"before")
+    fsync_path(a.mountpoint / "before")
+    a.cut()
+    # Within a hold (a third of failover_after) A stops answering writes with success.
+    t0 = time.monotonic()
+    acked_after: list[float] = []
+    while time.monotonic() - t0 < FAILOVER_AFTER * 3:
+        if _writable(a):
+            acked_after.append(time.monotonic() - t0)
+        if b.role() == "writer":
+            break
+        time.sleep(0.3)
+    b.wait_role("writer", FAILOVER_AFTER + 30)
+    started = time.monotonic() - t0
+    assert all(t < started for t in acked_after)
+    assert not acked_after or max(acked_after) <= FAILOVER_AFTER / 3 + 2
+    assert (b.mountpoint / "before").read_bytes() == b"before"
+    a.heal()
+    a.wait_role("fenced", 30)
+    with pytest.raises(OSError) as ei:
+        _write(a.mountpoint / "late", b"x")
+    assert ei.value.errno in (errno.EROFS, errno.EIO)
+    assert not (b.mountpoint / "late").exists()
