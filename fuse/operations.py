@@ -46,7 +46,7 @@ def _errors(
     async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         running.count += 1
         try:
-            if self.fs.vol.catalog_stale:
+            if self.fs.cat.stale:
                 # The catalog lost changes the journal has (a full disk): any answer
                 # could be stale. The next mount replays them.
                 full.warning("%s refused: the catalog must be rebuilt; remount", fn.__name__)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,10 +36,39 @@ def _targets() -> list[TargetSpec]:
     ]
 
 
+# Each hook leaves a line in its site's directory: which hook, for which epoch.
+HOOK = """import os, pathlib
+root = pathlib.Path(os.environ["VAULTSYNC_MOUNTPOINT"]).parent
+with open(root / "hooks", "a") as f:
+    f.write(os.environ["VAULTSYNC_HOOK"] + " " + os.environ["VAULTSYNC_EPOCH"] + "\\n")
+"""
+
+
+def _hooks(tmp: Path) -> str:
+    script = tmp / "hook.py"
+    script.write_text(HOOK)
+    cmd = f'["{sys.executable}", "{script}"]'
+    return f"on_promote = {cmd}\non_demote = {cmd}\n"
+
+
 @pytest.fixture
 def two(tmp_path: Path, seaweedfs: LocalProvider) -> Iterator[dict[str, Site]]:
-    with sites(tmp_path, seaweedfs, ["a", "b"], _targets(), failover_after=FAILOVER_AFTER) as s:
+    with sites(
+        tmp_path,
+        seaweedfs,
+        ["a", "b"],
+        _targets(),
+        failover_after=FAILOVER_AFTER,
+        failover_extra=_hooks(tmp_path),
+    ) as s:
         yield s
+
+
+def _hook_lines(site: Site) -> list[str]:
+    try:
+        return (site.root / "hooks").read_text().split()
+    except FileNotFoundError:
+        return []
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -91,6 +121,52 @@ def test_a_killed_writer_is_replaced_and_loses_no_fsynced_write(two: dict[str, S
     assert (b.mountpoint / "last").read_bytes() == last
     st = b.status()["volume"]["failover"]
     assert st["role"] == "writer" and st["epoch"] == 1 and st["takeover"]["from_site"] == "a"
+    b.wait_for("on_promote", lambda: _hook_lines(b) == ["on_promote", "1"], 30)
+
+
+def test_a_frozen_writer_thawed_after_the_takeover_gets_errors(two: dict[str, Site]) -> None:
+    a, b = _start_pair(two)
+    _write(a.mountpoint / "x", b"before the freeze")
+    fd = os.open(a.mountpoint / "open-during", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        a.freeze()
+        b.wait_role("writer", FAILOVER_AFTER + 30)
+        _write(b.mountpoint / "x", b"written at b")
+        a.thaw()
+        # The thawed writer must never say a change was stored: its gate ran out while
+        # it was frozen, and its next lease check finds epoch 1.
+        with pytest.raises(OSError) as ei:
+            os.write(fd, b"late")
+            os.fsync(fd)
+        assert ei.value.errno in (errno.EROFS, errno.EIO)
+    finally:
+        os.close(fd)
+    a.wait_role("fenced", 30)
+    a.wait_for("on_demote", lambda: _hook_lines(a) == ["on_demote", "1"], 30)
+    assert (b.mountpoint / "x").read_bytes() == b"written at b"
+    assert (a.mountpoint / "x").read_bytes() == b"before the freeze"
+
+
+def test_one_voter_down_changes_nothing(two: dict[str, Site]) -> None:
+    a, b = _start_pair(two)
+    for site in (a, b):
+        site.proxies["d2"].outage()  # the async data target is down for everyone
+    for i in range(int(FAILOVER_AFTER * 2.5)):
+        _write(a.mountpoint / f"g{i}", b"x" * 100)  # acknowledged all along
+        time.sleep(1)
+    assert b.role() == "standby" and a.role() == "writer"
+
+
+def test_a_writer_restarted_within_failover_after_stays_the_writer(two: dict[str, Site]) -> None:
+    a, b = _start_pair(two)
+    _write(a.mountpoint / "kept", b"kept")
+    a.kill9()
+    a.start()
+    a.wait_role("writer", 30)
+    a.wait_for("writable", lambda: _writable(a), 30)
+    time.sleep(FAILOVER_AFTER * 1.5)
+    assert b.role() == "standby" and a.role() == "writer"
+    assert (a.mountpoint / "kept").read_bytes() == b"kept"
 
 
 def test_a_standby_cut_off_from_every_voter_does_not_take_over(two: dict[str, Site]) -> None:

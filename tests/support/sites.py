@@ -152,6 +152,7 @@ def site_config(
     *,
     failover_after: float,
     extra: str = "",
+    failover_extra: str = "",
 ) -> str:
     """The TOML of one site: the same volume and targets as every other site, reached
     through this site's own proxies."""
@@ -159,7 +160,7 @@ def site_config(
     out = (
         f'[volume]\nname = "fo"\nstate_dir = "state"\nsegment_max_age = 0.5\n\n'
         f'[site]\nname = "{site.name}"\n\n'
-        f'[failover]\nmode = "auto"\nfailover_after = {failover_after}\n\n'
+        f'[failover]\nmode = "auto"\nfailover_after = {failover_after}\n{failover_extra}\n'
         f"[replication]\nprobe_interval = 0.5\n{extra}"
     )
     for t in targets:
@@ -180,6 +181,7 @@ def sites(
     *,
     failover_after: float = 6.0,
     extra: str = "",
+    failover_extra: str = "",
 ) -> Iterator[dict[str, Site]]:
     """Sites sharing `targets` (buckets created here), each behind its own proxies; the
     first one runs `init`. Every process, proxy and mount is gone afterwards."""
@@ -193,7 +195,14 @@ def sites(
             proxies = {t.name: FaultProxy.for_url(provider.endpoint) for t in targets}
             site = made[name] = Site(name, root, proxies)
             site.config.write_text(
-                site_config(site, provider, targets, failover_after=failover_after, extra=extra)
+                site_config(
+                    site,
+                    provider,
+                    targets,
+                    failover_after=failover_after,
+                    extra=extra,
+                    failover_extra=failover_extra.replace("SITE_ROOT", str(root)),
+                )
             )
         first = made[names[0]]
         res = cli("init", str(first.config), timeout=60)
