@@ -205,3 +205,40 @@ def test_a_writer_cut_off_stops_acknowledging_before_the_standby_starts(
         _write(a.mountpoint / "late", b"x")
     assert ei.value.errno in (errno.EROFS, errno.EIO)
     assert not (b.mountpoint / "late").exists()
+
+
+def test_two_standbys_race_and_exactly_one_wins(tmp_path: Path, seaweedfs: LocalProvider) -> None:
+    with sites(
+        tmp_path, seaweedfs, ["a", "b", "c"], _targets(), failover_after=FAILOVER_AFTER
+    ) as s:
+        a, b, c = s["a"], s["b"], s["c"]
+        a.start()
+        a.wait_role("writer", 30)
+        a.wait_for("writable", lambda: _writable(a), 30)
+        for site in (b, c):
+            site.start(timeout=90)
+            site.wait_role("standby", 60)
+        _write(a.mountpoint / "f", b"from a")
+        a.kill9()
+        won = b.wait_for(
+            "a writer among b and c",
+            lambda: "writer" in (b.role(), c.role()),
+            FAILOVER_AFTER + 30,
+        )
+        assert won <= FAILOVER_AFTER + 10
+        time.sleep(FAILOVER_AFTER)  # the loser has had every chance to take over too
+        roles = sorted([b.role() or "", c.role() or ""])
+        assert roles == ["standby", "writer"], roles
+        winner, loser = (b, c) if b.role() == "writer" else (c, b)
+        _write(winner.mountpoint / "g", b"from the winner")
+        # The loser follows the new writer's history.
+        loser.wait_for("following", lambda: (loser.mountpoint / "g").exists(), 30)
+        assert (loser.mountpoint / "g").read_bytes() == b"from the winner"
+        assert (loser.mountpoint / "f").read_bytes() == b"from a"
+
+
+def test_an_idle_writer_is_never_replaced(two: dict[str, Site]) -> None:
+    a, b = _start_pair(two)
+    time.sleep(FAILOVER_AFTER * 4)  # no write at all: the heartbeat alone keeps it
+    assert a.role() == "writer" and b.role() == "standby"
+    assert _writable(a)

@@ -244,10 +244,18 @@ class Site:
         if self.ops is not None:
             self.ops.read_only = True
         self._become("fenced", reason)
+        task = asyncio.ensure_future(self._after_fence(reason))
+        self._hooks.add(task)  # type: ignore[arg-type]
+        task.add_done_callback(self._hooks.discard)  # type: ignore[arg-type]
+
+    async def _after_fence(self, reason: str) -> None:
+        """Stop renewing, learn the epoch now in force, then tell the applications."""
         if self.heartbeats is not None:
-            task = asyncio.ensure_future(self.heartbeats.stop())
-            self._hooks.add(task)  # type: ignore[arg-type]
-            task.add_done_callback(self._hooks.discard)  # type: ignore[arg-type]
+            await self.heartbeats.stop()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.timing.heartbeat_every * 4):
+                self.epoch, _holder = await self._current()
+        self._write_status()
         self._hook("on_demote", reason)
 
     async def _as_writer(self) -> None:
