@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from vaultsync.control.failover_rules import Timing, WriterGate
 from vaultsync.control.lease import FencedError, check_lease, lease_clock
 from vaultsync.format.bucket_layout import heartbeat_key
-from vaultsync.format.heartbeat import Heartbeat
+from vaultsync.format.heartbeat import Heartbeat, voter_identity
 from vaultsync.store.objectstore import ObjectStore, StoreError
 
 log = logging.getLogger("vaultsync.failover")
@@ -92,6 +92,9 @@ class Heartbeats:
             probation=self.timing.probation,
             heartbeat_every=self.timing.heartbeat_every,
             written_ns=time.time_ns(),
+            voters=tuple(
+                sorted(voter_identity(v.target.bucket, v.target.prefix) for v in self.voters)
+            ),
         ).to_bytes()
 
     async def renew(self, store: ObjectStore) -> None:

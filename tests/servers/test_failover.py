@@ -242,3 +242,14 @@ def test_an_idle_writer_is_never_replaced(two: dict[str, Site]) -> None:
     time.sleep(FAILOVER_AFTER * 4)  # no write at all: the heartbeat alone keeps it
     assert a.role() == "writer" and b.role() == "standby"
     assert _writable(a)
+
+
+def test_a_standby_sharing_the_writers_site_name_does_not_take_over(
+    two: dict[str, Site],
+) -> None:
+    a, b = two["a"], two["b"]
+    b.config.write_text(b.config.read_text().replace('[site]\nname = "b"', '[site]\nname = "a"'))
+    a, b = _start_pair(two)
+    a.kill9()
+    b.wait_for("refusing", lambda: "two sites share a [site] name" in b.tail(), FAILOVER_AFTER * 3)
+    assert b.role() == "standby"

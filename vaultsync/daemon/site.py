@@ -43,6 +43,7 @@ from vaultsync.engine.posix import FsError
 from vaultsync.engine.state_lock import take_lock
 from vaultsync.engine.volume import Volume, has_volume
 from vaultsync.errors import VaultsyncError
+from vaultsync.format.heartbeat import voter_identity
 from vaultsync.format.state_layout import StateDir
 from vaultsync.fuse.mount import (
     MountError,
@@ -351,6 +352,25 @@ class Site:
             )
         return reached >= need
 
+    def _mismatch(self, watch: Watch) -> str | None:
+        """Why this site must not take over from the writer it watches, if it must not: a
+        writer with this site's own name, or with other voters (another majority)."""
+        hb = watch.writer
+        if hb is None:
+            return None
+        if hb.site == self.me:
+            return (
+                f"the writer's heartbeat names this site ({self.me!r}): two sites share a "
+                "[site] name; give each its own"
+            )
+        mine = sorted(voter_identity(v.target.bucket, v.target.prefix) for v in self.voters)
+        if hb.voters and list(hb.voters) != mine:
+            return (
+                f"the writer counts voters {', '.join(hb.voters)} and this site "
+                f"{', '.join(mine)}: every site of a volume needs the same voters"
+            )
+        return None
+
     async def _as_standby(self) -> None:
         watch = self.watch
         assert watch is not None and self.follower is not None
@@ -365,6 +385,11 @@ class Site:
                     await asyncio.sleep(self.timing.heartbeat_every)
                     continue
                 writer = watch.writer.site if watch.writer else "the writer"
+                wrong = self._mismatch(watch)
+                if wrong:
+                    log.error("not taking over: %s", wrong)
+                    await asyncio.sleep(self.cfg.failover.failover_after)
+                    continue
                 log.warning(
                     "%s made no heartbeat progress at a majority of voters for %.0fs: "
                     "taking the lease of epoch %d",

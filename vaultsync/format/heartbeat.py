@@ -27,9 +27,14 @@ class Heartbeat:
     probation: float
     heartbeat_every: float
     written_ns: int  # informative only: liveness is never judged by comparing clocks
+    # The writer's voters as "bucket/prefix": a standby configured with other voters
+    # would count another majority, so it refuses to take over (§2.7).
+    voters: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        doc = asdict(self)
+        doc["voters"] = list(self.voters)
+        return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes, where: str) -> Heartbeat:
@@ -50,6 +55,7 @@ class Heartbeat:
             probation=float(_field(doc, "probation", (int, float), where)),
             heartbeat_every=float(_field(doc, "heartbeat_every", (int, float), where)),
             written_ns=_field(doc, "written_ns", int, where),
+            voters=_voters(doc.get("voters", []), where),
         )
 
 
@@ -62,3 +68,17 @@ def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], where:
     if isinstance(value, int | float) and not 0 <= value < 2**63:
         raise FormatError(f"{where}: field {name!r} is out of range")
     return value
+
+
+def _voters(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > 64:
+        raise FormatError(f"{where}: field 'voters' must be a list of at most 64 names")
+    if not all(isinstance(v, str) and len(v) <= 1100 for v in value):
+        raise FormatError(f"{where}: field 'voters' must hold names")
+    return tuple(value)
+
+
+def voter_identity(bucket: str, prefix: str) -> str:
+    """How a voter is named across sites: endpoints differ from site to site, buckets
+    and prefixes do not."""
+    return f"{bucket}/{prefix}"
