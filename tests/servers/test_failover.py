@@ -106,6 +106,14 @@ def test_a_killed_writer_is_replaced_and_loses_no_fsynced_write(two: dict[str, S
         _write(a.mountpoint / name, data)
     # The standby follows: the files show up read-only there while A still writes.
     b.wait_for("following", lambda: (b.mountpoint / "f0").exists(), 30)
+    assert (b.mountpoint / "f0").read_bytes() == files["f0"]  # now in B's kernel caches
+    files["f0"] = os.urandom(7000)
+    _write(a.mountpoint / "f0", files["f0"])
+    # Within seconds, not after the kernel's 30 s attribute timeout: B invalidates.
+    seen = b.wait_for(
+        "showing the rewrite", lambda: (b.mountpoint / "f0").read_bytes() == files["f0"], 25
+    )
+    assert seen < 10, seen
     with pytest.raises(OSError) as ei:
         _write(b.mountpoint / "nope", b"x")
     assert ei.value.errno == errno.EROFS
