@@ -126,6 +126,18 @@ class Heartbeats:
                 st.error = getattr(e, "reason", None) or "timed out"
                 if st.failures == 1:
                     log.warning("heartbeat at voter %s failed: %s", store.name, st.error)
+            due = self.gate.confirm_due(store.name)
+            if due is not None and due < t0 + every:
+                # A new run: the check that confirms it as soon as the probation allows.
+                await asyncio.sleep(max(0.0, due - lease_clock()))
+                try:
+                    async with asyncio.timeout(every):
+                        self.gate.checked(store.name, await check_lease(store, self.epoch))
+                except FencedError as e:
+                    self.on_fenced(str(e))
+                    return
+                except (StoreError, TimeoutError):
+                    pass  # the next renewal's check confirms it
             await asyncio.sleep(max(0.0, every - (lease_clock() - t0)))
 
     def _gate_moved(self) -> bool:

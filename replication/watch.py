@@ -24,6 +24,8 @@ from vaultsync.store.objectstore import ObjectMissingError, ObjectStore, StoreEr
 
 log = logging.getLogger("vaultsync.failover")
 
+READ_EVERY = 1.0  # seconds between a standby's readings of each voter, at most
+
 
 @dataclass(frozen=True)
 class Won:
@@ -108,8 +110,10 @@ class Watch:
 
     async def until_gone(self) -> None:
         """Return once the writer's heartbeat made no progress at a majority for
-        failover_after, confirmed by a fresh reading of every voter."""
-        every = self.timing.heartbeat_every
+        failover_after, confirmed by a fresh reading of every voter. Readings come at
+        least every READ_EVERY seconds, so that a takeover follows the last moment of
+        progress closely."""
+        every = min(self.timing.heartbeat_every, READ_EVERY)
         while True:
             t0 = lease_clock()
             await self.read_all()

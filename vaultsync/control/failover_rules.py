@@ -52,7 +52,7 @@ class Timing:
     @classmethod
     def for_failover_after(cls, failover_after: float) -> Timing:
         hold = failover_after / 3
-        limit = 2.0
+        limit = 1.5
         return cls(
             failover_after=failover_after,
             hold=hold,
@@ -147,6 +147,15 @@ class WriterGate:
         run = self._runs.get(voter)
         if run is not None and checked - run.first_acked >= self.timing.probation:
             run.confirmed = True
+
+    def confirm_due(self, voter: str) -> float | None:
+        """When a lease check at `voter` could first confirm its current run (None: the
+        run is confirmed, or there is none): the writer checks then, not a whole
+        renewal interval later."""
+        run = self._runs.get(voter)
+        if run is None or run.confirmed:
+            return None
+        return run.first_acked + self.timing.probation
 
     def held_until(self, voter: str) -> float:
         run = self._runs.get(voter)

@@ -62,6 +62,7 @@ from vaultsync.store.objectstore import ObjectStore, StoreError
 log = logging.getLogger("vaultsync.failover")
 
 STATUS_EVERY = 1.0  # seconds between rewrites of failover.json
+FOLLOW_EVERY = 1.0  # seconds between a standby's looks for new segments, at most
 
 
 class Gate:
@@ -223,13 +224,20 @@ class Site:
         )
 
     # -- the writer ------------------------------------------------------------------
+    def _renew(self, epoch: int) -> Heartbeats:
+        """Start renewing the heartbeat of `epoch` at every voter."""
+        hb = self.heartbeats = Heartbeats(
+            self.voters, epoch, self.me, self.timing, on_fenced=self._fenced
+        )
+        hb.start()
+        return hb
+
     async def _start_writer(self, adopt: FileSystem | None, reason: str) -> None:
         self.writer = w = await Writer.open(self.cfg, self.passphrase, adopt=adopt)
         self.epoch = w.vol.epoch
-        hb = self.heartbeats = Heartbeats(
-            self.voters, self.epoch, self.me, self.timing, on_fenced=self._fenced
-        )
-        hb.start()
+        hb = self.heartbeats
+        if hb is None or hb.epoch != self.epoch:
+            hb = self._renew(self.epoch)
         if self.ops is not None:
             self.ops.fs = w.fs
             self.ops.gate = Gate(self, hb, self.cfg.failover.failover_after)
@@ -237,6 +245,9 @@ class Site:
         self._become("writer", reason)
 
     def _fenced(self, reason: str) -> None:
+        if self.role == "taking over":
+            self._lost = reason  # another site took a newer epoch meanwhile
+            return
         if self.role != "writer":
             return
         w = self.writer
@@ -279,6 +290,7 @@ class Site:
             self._invalidator.changed(touched.inodes, touched.entries)
 
     _invalidator: Any = None
+    _lost: str | None = None
 
     async def _start_standby(self) -> FileSystem:
         self.follower = f = Follower(
@@ -305,7 +317,9 @@ class Site:
         return FileSystem(self.copy_volume)
 
     async def _follow(self) -> None:
-        f, every = self.follower, self.timing.heartbeat_every
+        # Segments seal every segment_max_age seconds: looking more often than the
+        # heartbeat keeps the standby's view (and a takeover's download) small.
+        f, every = self.follower, min(self.timing.heartbeat_every, FOLLOW_EVERY)
         assert f is not None and f.copy is not None
         while True:
             sources = [self.source, *(s for s in self.data if s is not self.source)]
@@ -409,10 +423,15 @@ class Site:
                 await follow
         self.epoch = won.epoch
         self._become("taking over", f"won epoch {won.epoch}")
+        # Renewing at once: the probation of the first runs (§2.7) passes while the
+        # last moments are downloaded and the volume opened, not after.
+        self._renew(won.epoch)
         if won.wait:
             log.warning("waiting %.0fs before writing (docs/format.md §2.7)", won.wait)
             await asyncio.sleep(won.wait)
         report = await take_over(self.follower, self.data, won.epoch)
+        if self._lost is not None:
+            raise VaultsyncError(f"a newer lease appeared while taking over: {self._lost}")
         old_fs = self.ops.fs
         reason = (
             f"took over from {writer} at epoch {won.epoch}: {report.segments} segment(s) and "
