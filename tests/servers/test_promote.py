@@ -116,3 +116,35 @@ def test_promotion_fences_the_old_writer(
     status = json.loads((a.state_dir / "replication.json").read_text())
     assert status["targets"]  # A wrote its last status; its journal keeps the salvage
     assert any((a.state_dir / "journal").glob("*.seg"))
+
+
+def test_a_promotion_that_could_not_rebuild_takes_no_lease(
+    tmp_path: Path, seaweedfs: LocalProvider, rclone: LocalProvider
+) -> None:
+    bucket = f"pr-{uuid.uuid4().hex[:12]}"
+    seaweedfs.create_bucket(bucket)
+    rclone.create_bucket(bucket)
+    targets = _targets(seaweedfs, rclone, bucket)
+    a = Mount.create(tmp_path / "siteA", "segment_max_age = 0.2\n" + targets)
+    a.start()
+    try:
+        for i in range(3):
+            _fsync_write(a.mountpoint / f"f{i}", b"x" * 1000)
+            time.sleep(0.5)
+    finally:
+        a.umount()
+    # As after garbage collection: the first segment is gone from the source.
+    client = seaweedfs.client()
+    try:
+        client.delete_object(Bucket=bucket, Key="v/segments/0000000000000001.seg")
+        b_root = tmp_path / "siteB"
+        b_root.mkdir()
+        b_cfg = b_root / "vs.toml"
+        b_cfg.write_text('[volume]\nname = "t"\nstate_dir = "state"\n' + targets)
+        res = cli("promote", str(b_cfg), "--from", "sw", timeout=120)
+        assert res.returncode == 1 and "nothing was changed" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        keys = client.list_objects_v2(Bucket=bucket, Prefix="v/lease/").get("Contents", [])
+        assert keys == [], "a lease was taken by a promotion that could not finish"
+    finally:
+        client.close()

@@ -109,6 +109,7 @@ async def promote(
         by_name = {s.name: s for s in stores}
         src = by_name[cfg.target(source).name]
         await _check_same_volume(cfg, src, stores)
+        await _check_rebuildable(cfg, src, passphrase)
         if has_volume(state):
             moved = state.with_name(f"{state.name}.salvage-{time.strftime('%Y%m%d-%H%M%S')}")
             state.rename(moved)
@@ -193,6 +194,24 @@ async def wait_out_old_lease(
     while (left := 2 * window - (lease_clock() - leased_done)) > 0:
         await asyncio.sleep(min(left, 1.0))
     return lease_clock() - started
+
+
+async def _check_rebuildable(cfg: Config, src: ObjectStore, passphrase: str | None) -> None:
+    """Everything that would make the rebuild fail after the lease is taken, checked before
+    it: a lease taken by a promotion that then fails leaves the volume with no writer."""
+    header = await target_header(src, cfg.volume.name)
+    header.unlock(passphrase)  # a wrong passphrase: refused here, before any lease
+    first = None
+    async for o in src.list(SEGMENTS):
+        first = parse_segment_key(o.key)
+        if first is not None:
+            break
+    if first is not None and first > 1:
+        raise VolumeError(
+            f"target {src.name!r} no longer holds segments before {first} (garbage "
+            "collection removed them), and promotion rebuilds the whole journal; nothing was "
+            "changed. Restore a point from it instead (vaultsync restore, mount --from)"
+        )
 
 
 async def _check_same_volume(cfg: Config, src: ObjectStore, stores: list[ObjectStore]) -> None:
